@@ -1,0 +1,292 @@
+//! Command-line arguments as clap parses them. Validation and resolution
+//! into settings happen in `commands`, so this file is only the shape of the
+//! command line and its help text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+const EXIT_CODES: &str = "\
+EXIT CODES:
+    0    success
+    1    error (the message says what and how to fix it)
+    2    invalid command line
+    3    incomplete: a backup was saved but some files could not be read, or
+         a restore finished but some entries failed or were left as conflicts
+    10   no repository at the given location
+    12   wrong passphrase
+    13   corruption found (check found problems, or data read was damaged)
+    130  interrupted (Ctrl-C); the repository stays valid
+
+ENVIRONMENT:
+    LIFEBOAT_REPOSITORY       repository location (instead of --repo)
+    LIFEBOAT_PASSPHRASE       the passphrase (instead of a prompt)
+    LIFEBOAT_PASSPHRASE_FILE  file holding the passphrase (instead of --passphrase-file)
+    LIFEBOAT_NEW_PASSPHRASE   new passphrase for `key add` and `key passwd`
+    LIFEBOAT_CACHE_DIR        local cache directory (default ~/.cache/lifeboat)";
+
+/// Lifeboat: deduplicated, compressed, encrypted backups you can prove restore.
+#[derive(Debug, Parser)]
+#[command(name = "lifeboat", version, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// Options for every command.
+    #[command(flatten)]
+    pub global: Global,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options shared by all commands.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Repository location (a local directory).
+    #[arg(short = 'r', long, global = true, env = "LIFEBOAT_REPOSITORY")]
+    pub repo: Option<PathBuf>,
+    /// Read the passphrase from this file (first line).
+    #[arg(long, global = true, env = "LIFEBOAT_PASSPHRASE_FILE")]
+    pub passphrase_file: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Print nothing but errors and the result.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Directory for the local cache (only a cache: safe to delete).
+    #[arg(long, global = true, env = "LIFEBOAT_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new repository.
+    Init(InitArgs),
+    /// Back up files and directories (or standard input) into a new snapshot.
+    Backup(BackupArgs),
+    /// List snapshots.
+    Snapshots(FilterArgs),
+    /// List the contents of a snapshot.
+    Ls(LsArgs),
+    /// Show what changed between two snapshots.
+    Diff(DiffArgs),
+    /// Restore a snapshot (or part of it) into a directory.
+    Restore(RestoreArgs),
+    /// Write one file of a snapshot to standard output.
+    Dump(DumpArgs),
+    /// Verify the repository; with --read-data also every byte of data.
+    Check(CheckArgs),
+    /// Remove snapshots by ID or by retention rules.
+    Forget(ForgetArgs),
+    /// Delete data no snapshot needs (two-phase, safe with concurrent backups).
+    Prune(PruneArgs),
+    /// Manage the passphrases that open the repository.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+/// `init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// zstd compression level for new data (0 = none, 1-22; 3 is fast and good).
+    #[arg(long, default_value_t = 3)]
+    pub compression: i32,
+    /// Target pack size in MiB.
+    #[arg(long, default_value_t = 16)]
+    pub pack_size: u32,
+}
+
+/// `backup`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Paths to back up.
+    #[arg(required_unless_present = "stdin")]
+    pub paths: Vec<PathBuf>,
+    /// Tag the snapshot (repeatable).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Host name to record (default: this machine's).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Exclude entries matching a glob; without '/' it matches names anywhere,
+    /// with '/' the absolute path (repeatable).
+    #[arg(long = "exclude", short = 'e')]
+    pub excludes: Vec<String>,
+    /// Read exclude patterns from a file, one per line ('#' starts a comment).
+    #[arg(long)]
+    pub exclude_file: Vec<PathBuf>,
+    /// Stay on the file system of each path given.
+    #[arg(short = 'x', long)]
+    pub one_file_system: bool,
+    /// Back up standard input as one file (e.g. `pg_dump db | lifeboat backup --stdin`).
+    #[arg(long, conflicts_with = "paths")]
+    pub stdin: bool,
+    /// File name for --stdin.
+    #[arg(long, default_value = "stdin", requires = "stdin")]
+    pub stdin_filename: String,
+    /// Read every file, ignoring the local file cache.
+    #[arg(long)]
+    pub no_cache: bool,
+}
+
+/// Snapshot filters.
+#[derive(Debug, Args, Clone)]
+pub struct FilterArgs {
+    /// Only snapshots of this host.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Only snapshots with this tag.
+    #[arg(long)]
+    pub tag: Option<String>,
+    /// Only snapshots that include this path.
+    #[arg(long)]
+    pub path: Option<String>,
+}
+
+/// `ls`.
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Snapshot ID prefix, or `latest`.
+    pub snapshot: String,
+    /// Only entries at or below this path.
+    pub path: Option<String>,
+    /// Show mode, owner, size and time.
+    #[arg(short, long)]
+    pub long: bool,
+}
+
+/// `diff`.
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The older snapshot.
+    pub from: String,
+    /// The newer snapshot.
+    pub to: String,
+}
+
+/// `restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Snapshot ID prefix, or `latest`.
+    pub snapshot: String,
+    /// Directory to restore into.
+    #[arg(long, short = 't')]
+    pub target: PathBuf,
+    /// Restore only paths matching this glob, and what is below them (repeatable).
+    #[arg(long = "include", short = 'i')]
+    pub includes: Vec<String>,
+    /// Skip paths matching this glob, and what is below them (repeatable).
+    #[arg(long = "exclude", short = 'e')]
+    pub excludes: Vec<String>,
+    /// Show what would be restored without writing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Re-read every restored file and compare it with the snapshot.
+    #[arg(long)]
+    pub verify: bool,
+    /// Replace existing files that differ from the snapshot.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+/// `dump`.
+#[derive(Debug, Args)]
+pub struct DumpArgs {
+    /// Snapshot ID prefix, or `latest`.
+    pub snapshot: String,
+    /// Path of the file in the snapshot, e.g. /var/backups/db.dump.
+    pub path: String,
+}
+
+/// `check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Read and verify all data.
+    #[arg(long)]
+    pub read_data: bool,
+    /// Read and verify this percentage of packs, chosen at random.
+    #[arg(long, value_name = "PERCENT", conflicts_with = "read_data")]
+    pub read_data_subset: Option<String>,
+}
+
+/// `forget`.
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    /// Snapshots to forget (ID prefixes); without them, the --keep rules decide.
+    pub snapshots: Vec<String>,
+    /// Keep the N most recent snapshots.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep the most recent snapshot of each of the last N hours.
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    /// Keep the most recent snapshot of each of the last N days.
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// Keep the most recent snapshot of each of the last N weeks.
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// Keep the most recent snapshot of each of the last N months.
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    /// Keep the most recent snapshot of each of the last N years.
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// Keep every snapshot within this duration of the newest (e.g. 7d, 1y2m).
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within: Option<String>,
+    /// Keep snapshots with this tag (repeatable).
+    #[arg(long, value_name = "TAG")]
+    pub keep_tag: Vec<String>,
+    /// Group snapshots by these fields before applying rules: host, paths, tags.
+    #[arg(long, default_value = "host,paths")]
+    pub group_by: String,
+    /// Only consider snapshots matching these filters.
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Show what would be kept and removed, and why, without removing.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+    /// Run prune afterwards.
+    #[arg(long)]
+    pub prune: bool,
+}
+
+/// `prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// How long condemned data waits before deletion (e.g. 1h, 30m, 0s).
+    /// Zero is safe only when no other backup runs against the repository.
+    #[arg(long, default_value = "1h")]
+    pub grace: String,
+    /// Repack packs with more than this percentage of unused data.
+    #[arg(long, default_value_t = 50.0)]
+    pub max_unused: f64,
+    /// Show what would happen without changing anything.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+}
+
+/// `key` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// List the keys (one per passphrase).
+    List,
+    /// Add a key for a new passphrase.
+    Add {
+        /// Read the new passphrase from this file.
+        #[arg(long)]
+        new_passphrase_file: Option<PathBuf>,
+    },
+    /// Remove a key (not the one in use, not the last one).
+    Remove {
+        /// Key ID (prefix).
+        id: String,
+    },
+    /// Change the passphrase of the key in use.
+    Passwd {
+        /// Read the new passphrase from this file.
+        #[arg(long)]
+        new_passphrase_file: Option<PathBuf>,
+    },
+}

@@ -1,0 +1,841 @@
+//! Each command: resolve settings, call the core, print the result.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use lifeboat_core::backend::LocalBackend;
+use lifeboat_core::backup::{BackupOptions, Progress, StdinSource};
+use lifeboat_core::check::CheckOptions;
+use lifeboat_core::prune::PruneOptions;
+use lifeboat_core::restore::RestoreOptions;
+use lifeboat_core::retention::{self, GroupBy, KeepPolicy, SnapshotInfo};
+use lifeboat_core::{Backend, Id, InitOptions, Node, NodeKind, Repository, Snapshot};
+use serde_json::json;
+
+use crate::args::*;
+use crate::output::{self, bytes, ProgressLine};
+
+/// Runs the parsed command line; returns the exit code.
+pub fn run(cli: Cli) -> Result<u8> {
+    let g = &cli.global;
+    match &cli.command {
+        Command::Init(a) => init(g, a),
+        Command::Backup(a) => backup(g, a),
+        Command::Snapshots(a) => snapshots(g, a),
+        Command::Ls(a) => ls(g, a),
+        Command::Diff(a) => diff(g, a),
+        Command::Restore(a) => restore(g, a),
+        Command::Dump(a) => dump(g, a),
+        Command::Check(a) => check(g, a),
+        Command::Forget(a) => forget(g, a),
+        Command::Prune(a) => prune(g, a),
+        Command::Key(k) => key(g, k),
+    }
+}
+
+fn backend(g: &Global) -> Result<Arc<dyn Backend>> {
+    let repo = g.repo.clone().ok_or_else(|| {
+        anyhow!("no repository given: use --repo PATH or set LIFEBOAT_REPOSITORY")
+    })?;
+    Ok(Arc::new(LocalBackend::new(repo)))
+}
+
+/// Reads a passphrase: from a file, the environment, or a prompt.
+fn passphrase(file: Option<&PathBuf>, env: &str, prompt: &str, confirm: bool) -> Result<String> {
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("reading passphrase file {}", f.display()))?;
+        let line = text.lines().next().unwrap_or("").to_string();
+        if line.is_empty() {
+            bail!("passphrase file {} is empty", f.display());
+        }
+        return Ok(line);
+    }
+    if let Ok(p) = std::env::var(env) {
+        if !p.is_empty() {
+            return Ok(p);
+        }
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("no passphrase: give --passphrase-file FILE, set {env}, or run on a terminal to be asked");
+    }
+    let p = rpassword::prompt_password(prompt)?;
+    if confirm && rpassword::prompt_password("Repeat it: ")? != p {
+        bail!("the passphrases do not match");
+    }
+    Ok(p)
+}
+
+fn kdf_work_factor() -> Result<u8> {
+    match std::env::var("LIFEBOAT_KDF_WORK_FACTOR") {
+        Ok(v) => {
+            let n: u8 = v
+                .parse()
+                .ok()
+                .filter(|n| (10..=22).contains(n))
+                .ok_or_else(|| {
+                    anyhow!("LIFEBOAT_KDF_WORK_FACTOR must be a number from 10 to 22")
+                })?;
+            Ok(n)
+        }
+        Err(_) => Ok(lifeboat_core::DEFAULT_KDF_WORK_FACTOR),
+    }
+}
+
+fn open(g: &Global) -> Result<Repository> {
+    let b = backend(g)?;
+    // Report a missing repository before asking for a passphrase.
+    if b.stat("config").is_err_and(|e| e.is_not_found()) {
+        return Err(lifeboat_core::Error::NoRepository {
+            location: b.location(),
+        }
+        .into());
+    }
+    let p = passphrase(
+        g.passphrase_file.as_ref(),
+        "LIFEBOAT_PASSPHRASE",
+        "Passphrase: ",
+        false,
+    )?;
+    Ok(Repository::open(b, &p)?)
+}
+
+fn cache_dir(g: &Global) -> Option<PathBuf> {
+    if let Some(d) = &g.cache_dir {
+        return Some(d.clone());
+    }
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+        return Some(PathBuf::from(x).join("lifeboat"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lifeboat"))
+}
+
+fn print_json(v: &serde_json::Value) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn init(g: &Global, a: &InitArgs) -> Result<u8> {
+    let b = backend(g)?;
+    let p = passphrase(
+        g.passphrase_file.as_ref(),
+        "LIFEBOAT_PASSPHRASE",
+        "New repository passphrase: ",
+        true,
+    )?;
+    let opts = InitOptions {
+        compression: a.compression,
+        pack_size: a.pack_size.saturating_mul(1024 * 1024),
+        kdf_work_factor: kdf_work_factor()?,
+        ..InitOptions::default()
+    };
+    let repo = Repository::init(b.clone(), &p, &opts)?;
+    if g.json {
+        print_json(
+            &json!({"repository": b.location(), "id": repo.config().id, "version": repo.config().version}),
+        )?;
+    } else if !g.quiet {
+        println!(
+            "created repository {} at {}",
+            &repo.config().id[..8],
+            b.location()
+        );
+        println!("keep the passphrase safe: without it the data cannot be recovered");
+    }
+    output::ok()
+}
+
+fn backup(g: &Global, a: &BackupArgs) -> Result<u8> {
+    let repo = open(g)?;
+    let mut excludes = a.excludes.clone();
+    for f in &a.exclude_file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("reading exclude file {}", f.display()))?;
+        excludes.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from),
+        );
+    }
+    let opts = BackupOptions {
+        paths: a.paths.clone(),
+        excludes,
+        one_file_system: a.one_file_system,
+        host: a.host.clone(),
+        tags: a.tags.clone(),
+        cache_dir: if a.no_cache { None } else { cache_dir(g) },
+    };
+    let progress = Arc::new(Progress::default());
+    let line = {
+        let p = progress.clone();
+        let start = std::time::Instant::now();
+        ProgressLine::start(!g.quiet && !g.json, move || {
+            format!(
+                "[{:.0}s] {} entries, {} read, {} unchanged, {} stored",
+                start.elapsed().as_secs_f64(),
+                p.files.load(Ordering::Relaxed),
+                bytes(p.bytes_read.load(Ordering::Relaxed)),
+                bytes(p.bytes_cached.load(Ordering::Relaxed)),
+                bytes(p.bytes_stored.load(Ordering::Relaxed)),
+            )
+        })
+    };
+    let report = if a.stdin {
+        let source = StdinSource {
+            reader: Box::new(std::io::stdin().lock()),
+            name: a.stdin_filename.clone(),
+        };
+        lifeboat_core::backup::backup_stdin(&repo, &opts, &progress, source)
+    } else {
+        lifeboat_core::backup::backup(&repo, &opts, &progress)
+    };
+    drop(line);
+    let report = report?;
+    let s = &report.snapshot.summary;
+    if g.json {
+        print_json(&json!({
+            "snapshot": report.snapshot_id.to_hex(),
+            "incomplete": report.snapshot.incomplete,
+            "summary": s,
+            "warnings": report.warnings,
+        }))?;
+    } else {
+        for w in &report.warnings {
+            eprintln!("warning: {w}");
+        }
+        if !g.quiet {
+            println!(
+                "files: {} new, {} changed, {} unchanged; {} dirs, {} other",
+                s.files_new, s.files_changed, s.files_unmodified, s.dirs, s.others
+            );
+            println!(
+                "read {} of {}; added {} to the repository ({} before compression, {} blobs)",
+                bytes(s.bytes_read),
+                bytes(s.total_bytes),
+                bytes(s.bytes_added_stored),
+                bytes(s.bytes_added_raw),
+                s.blobs_added
+            );
+            println!(
+                "snapshot {} saved in {:.2}s",
+                report.snapshot_id.short(),
+                s.duration_secs
+            );
+        }
+        if report.snapshot.incomplete {
+            eprintln!(
+                "snapshot {} is incomplete: {} entries could not be read (see warnings above)",
+                report.snapshot_id.short(),
+                s.errors
+            );
+        }
+    }
+    Ok(if report.snapshot.incomplete {
+        output::INCOMPLETE
+    } else {
+        output::OK
+    })
+}
+
+fn matches_filter(s: &Snapshot, f: &FilterArgs) -> bool {
+    f.host.as_ref().is_none_or(|h| &s.host == h)
+        && f.tag.as_ref().is_none_or(|t| s.tags.contains(t))
+        && f.path
+            .as_ref()
+            .is_none_or(|p| s.paths.iter().any(|sp| sp == p.trim_end_matches('/')))
+}
+
+fn local_time(t: &chrono::DateTime<chrono::Utc>) -> String {
+    t.with_timezone(&chrono::Local)
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string()
+}
+
+fn snapshots(g: &Global, f: &FilterArgs) -> Result<u8> {
+    let repo = open(g)?;
+    let snaps: Vec<(Id, Snapshot)> = repo
+        .snapshots()?
+        .into_iter()
+        .filter(|(_, s)| matches_filter(s, f))
+        .collect();
+    if g.json {
+        let v: Vec<_> = snaps
+            .iter()
+            .map(|(id, s)| {
+                let mut v = serde_json::to_value(s).expect("snapshot serialises");
+                v["id"] = json!(id.to_hex());
+                v
+            })
+            .collect();
+        print_json(&json!(v))?;
+        return output::ok();
+    }
+    println!(
+        "{:<8}  {:<19}  {:<16}  {:>10}  {:<12}  paths",
+        "id", "time", "host", "size", "tags"
+    );
+    for (id, s) in &snaps {
+        println!(
+            "{:<8}  {:<19}  {:<16}  {:>10}  {:<12}  {}{}",
+            id.short(),
+            local_time(&s.time),
+            s.host,
+            bytes(s.summary.total_bytes),
+            s.tags.join(","),
+            s.paths.join(" "),
+            if s.incomplete { "  (incomplete)" } else { "" }
+        );
+    }
+    if !g.quiet {
+        println!("{} snapshots", snaps.len());
+    }
+    output::ok()
+}
+
+fn kind_char(k: NodeKind) -> char {
+    match k {
+        NodeKind::Dir => 'd',
+        NodeKind::File => '-',
+        NodeKind::Symlink => 'l',
+        NodeKind::Fifo => 'p',
+        NodeKind::Chardev => 'c',
+        NodeKind::Blockdev => 'b',
+        NodeKind::Socket => 's',
+    }
+}
+
+fn mode_string(n: &Node) -> String {
+    let mut s = String::new();
+    s.push(kind_char(n.kind));
+    let m = n.mode;
+    for (i, c) in ['r', 'w', 'x', 'r', 'w', 'x', 'r', 'w', 'x']
+        .iter()
+        .enumerate()
+    {
+        let bit = 1 << (8 - i);
+        s.push(if m & bit != 0 { *c } else { '-' });
+    }
+    s
+}
+
+fn ls(g: &Global, a: &LsArgs) -> Result<u8> {
+    let repo = open(g)?;
+    let (_, snap) = repo.find_snapshot(&a.snapshot)?;
+    let index = repo.load_index()?;
+    let prefix = a
+        .path
+        .as_deref()
+        .map(|p| p.trim_end_matches('/').to_string())
+        .unwrap_or_default();
+    let mut out = std::io::stdout().lock();
+    let mut items = Vec::new();
+    lifeboat_core::walk::walk(&repo, &index, &snap.tree, &mut |path, node| {
+        let p = String::from_utf8_lossy(path);
+        if !(prefix.is_empty() || p == prefix || p.starts_with(&format!("{prefix}/"))) {
+            return Ok(());
+        }
+        if g.json {
+            let mut v = serde_json::to_value(node).expect("node serialises");
+            v["path"] = json!(p);
+            v.as_object_mut().map(|o| o.remove("content"));
+            items.push(v);
+        } else if a.long {
+            let t =
+                chrono::DateTime::from_timestamp(node.mtime, node.mtime_nsec).unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "{} {:>8} {:>8} {:>12} {} {}{}",
+                mode_string(node),
+                node.user.clone().unwrap_or_else(|| node.uid.to_string()),
+                node.group.clone().unwrap_or_else(|| node.gid.to_string()),
+                node.size,
+                local_time(&t),
+                p,
+                node.target
+                    .as_ref()
+                    .map(|t| format!(" -> {}", t.lossy()))
+                    .unwrap_or_default()
+            );
+        } else {
+            let _ = writeln!(out, "{p}");
+        }
+        Ok(())
+    })?;
+    if g.json {
+        drop(out);
+        print_json(&json!(items))?;
+    }
+    output::ok()
+}
+
+fn diff(g: &Global, a: &DiffArgs) -> Result<u8> {
+    let repo = open(g)?;
+    let index = repo.load_index()?;
+    let collect = |spec: &str| -> Result<BTreeMap<Vec<u8>, Node>> {
+        let (_, snap) = repo.find_snapshot(spec)?;
+        let mut map = BTreeMap::new();
+        lifeboat_core::walk::walk(&repo, &index, &snap.tree, &mut |path, node| {
+            map.insert(path.to_vec(), node.clone());
+            Ok(())
+        })?;
+        Ok(map)
+    };
+    let from = collect(&a.from)?;
+    let to = collect(&a.to)?;
+    let mut changes = Vec::new();
+    for (p, n) in &from {
+        match to.get(p) {
+            None => changes.push(("-", p, "removed")),
+            Some(m) if m.kind != n.kind => changes.push(("T", p, "type changed")),
+            Some(m) if m.content != n.content || m.target != n.target || m.size != n.size => {
+                changes.push(("M", p, "content changed"))
+            }
+            Some(m)
+                if m.kind != NodeKind::Dir
+                    && (m.mode != n.mode
+                        || m.uid != n.uid
+                        || m.gid != n.gid
+                        || m.mtime != n.mtime
+                        || m.mtime_nsec != n.mtime_nsec
+                        || m.xattrs != n.xattrs) =>
+            {
+                changes.push(("U", p, "metadata changed"))
+            }
+            _ => {}
+        }
+    }
+    for p in to.keys() {
+        if !from.contains_key(p) {
+            changes.push(("+", p, "added"));
+        }
+    }
+    changes.sort_by(|a, b| a.1.cmp(b.1));
+    if g.json {
+        let v: Vec<_> = changes
+            .iter()
+            .map(|(c, p, what)| json!({"change": c, "path": String::from_utf8_lossy(p), "what": what}))
+            .collect();
+        print_json(&json!(v))?;
+    } else {
+        let mut out = std::io::stdout().lock();
+        for (c, p, _) in &changes {
+            let _ = writeln!(out, "{c} {}", String::from_utf8_lossy(p));
+        }
+        if !g.quiet {
+            let count = |c: &str| changes.iter().filter(|x| x.0 == c).count();
+            let _ = writeln!(
+                out,
+                "{} added, {} removed, {} modified, {} metadata only, {} type changes",
+                count("+"),
+                count("-"),
+                count("M"),
+                count("U"),
+                count("T")
+            );
+        }
+    }
+    output::ok()
+}
+
+fn restore(g: &Global, a: &RestoreArgs) -> Result<u8> {
+    let repo = open(g)?;
+    let (id, snap) = repo.find_snapshot(&a.snapshot)?;
+    let opts = RestoreOptions {
+        target: a.target.clone(),
+        includes: a.includes.clone(),
+        excludes: a.excludes.clone(),
+        dry_run: a.dry_run,
+        verify: a.verify,
+        overwrite: a.overwrite,
+    };
+    let start = std::time::Instant::now();
+    let report = lifeboat_core::restore::restore(&repo, &snap.tree, &opts)?;
+    let secs = start.elapsed().as_secs_f64();
+    if g.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["snapshot"] = json!(id.to_hex());
+        v["duration_secs"] = json!(secs);
+        print_json(&v)?;
+    } else {
+        for w in &report.warnings {
+            eprintln!("warning: {w}");
+        }
+        for c in &report.conflicts {
+            eprintln!("conflict: {c} exists and differs from the snapshot; left as it is (use --overwrite to replace)");
+        }
+        for f in &report.failures {
+            eprintln!("failed: {}: {}", f.path, f.reason);
+        }
+        if !g.quiet {
+            let verb = if a.dry_run {
+                "would restore"
+            } else {
+                "restored"
+            };
+            println!(
+                "{verb} {} files ({}), {} dirs, {} other from snapshot {} into {}; {} files already up to date",
+                report.files_restored,
+                bytes(report.bytes_total),
+                report.dirs,
+                report.others,
+                id.short(),
+                a.target.display(),
+                report.files_unchanged
+            );
+            if a.verify {
+                println!(
+                    "verified {} files against the snapshot",
+                    report.files_verified
+                );
+            }
+            if !a.dry_run {
+                println!("done in {secs:.2}s");
+            }
+        }
+    }
+    if !report.failures.is_empty() || !report.conflicts.is_empty() {
+        if !g.json {
+            eprintln!(
+                "restore incomplete: {} failed, {} conflicts",
+                report.failures.len(),
+                report.conflicts.len()
+            );
+        }
+        return Ok(output::INCOMPLETE);
+    }
+    output::ok()
+}
+
+fn dump(g: &Global, a: &DumpArgs) -> Result<u8> {
+    let repo = open(g)?;
+    let (_, snap) = repo.find_snapshot(&a.snapshot)?;
+    let mut out = std::io::stdout().lock();
+    lifeboat_core::restore::dump(&repo, &snap.tree, &a.path, &mut out)?;
+    out.flush()?;
+    output::ok()
+}
+
+fn check(g: &Global, a: &CheckArgs) -> Result<u8> {
+    let repo = open(g)?;
+    let subset = match &a.read_data_subset {
+        None => None,
+        Some(s) => {
+            let v: f64 = s
+                .trim_end_matches('%')
+                .parse()
+                .ok()
+                .filter(|v: &f64| *v > 0.0 && *v <= 100.0)
+                .ok_or_else(|| {
+                    anyhow!("--read-data-subset takes a percentage from 0 to 100, e.g. 10 or 2.5%")
+                })?;
+            Some(v)
+        }
+    };
+    let opts = CheckOptions {
+        read_data: a.read_data || subset.is_some(),
+        subset_percent: subset,
+    };
+    let report = lifeboat_core::check::check(&repo, &opts)?;
+    if g.json {
+        print_json(&serde_json::to_value(&report)?)?;
+    } else {
+        for e in &report.errors {
+            eprintln!("error: {e}");
+        }
+        for f in &report.affected {
+            eprintln!("affected: snapshot {} {}: {}", f.snapshot, f.path, f.reason);
+        }
+        if !g.quiet {
+            println!(
+                "checked {} snapshots, {} trees, {} packs{}",
+                report.snapshots,
+                report.trees,
+                report.packs,
+                if opts.read_data {
+                    format!(
+                        "; read {} packs and verified {} blobs",
+                        report.packs_read, report.blobs_verified
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            if report.unindexed_packs > 0 {
+                println!(
+                    "{} packs are not indexed (left by interrupted backups; prune removes them)",
+                    report.unindexed_packs
+                );
+            }
+        }
+    }
+    if report.errors.is_empty() {
+        if !g.json && !g.quiet {
+            println!("no errors found");
+        }
+        output::ok()
+    } else {
+        if !g.json {
+            eprintln!(
+                "{} errors found; the files listed as affected cannot be fully restored",
+                report.errors.len()
+            );
+        }
+        Ok(output::CORRUPT)
+    }
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow!("invalid duration {s:?}: use e.g. 30s, 15m, 1h, 2d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => bail!("invalid duration {s:?}: unit must be s, m, h or d"),
+    };
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+fn forget(g: &Global, a: &ForgetArgs) -> Result<u8> {
+    let repo = open(g)?;
+    let snaps = repo.snapshots()?;
+    let mut remove: Vec<(Id, Snapshot)> = Vec::new();
+    let mut json_groups = serde_json::Value::Null;
+    if !a.snapshots.is_empty() {
+        for spec in &a.snapshots {
+            remove.push(repo.find_snapshot(spec)?);
+        }
+    } else {
+        let policy = KeepPolicy {
+            last: a.keep_last,
+            hourly: a.keep_hourly,
+            daily: a.keep_daily,
+            weekly: a.keep_weekly,
+            monthly: a.keep_monthly,
+            yearly: a.keep_yearly,
+            within: a
+                .keep_within
+                .as_deref()
+                .map(retention::parse_within)
+                .transpose()?,
+            tags: a.keep_tag.clone(),
+        };
+        let mut group_by = GroupBy::default();
+        for f in a
+            .group_by
+            .split(',')
+            .map(str::trim)
+            .filter(|f| !f.is_empty())
+        {
+            match f {
+                "host" => group_by.host = true,
+                "paths" | "path" => group_by.paths = true,
+                "tags" | "tag" => group_by.tags = true,
+                other => bail!("--group-by takes host, paths and tags, not {other:?}"),
+            }
+        }
+        let infos: Vec<SnapshotInfo> = snaps
+            .iter()
+            .filter(|(_, s)| matches_filter(s, &a.filter))
+            .map(|(id, s)| SnapshotInfo {
+                id: id.to_hex(),
+                time: s.time,
+                host: s.host.clone(),
+                paths: s.paths.clone(),
+                tags: s.tags.clone(),
+            })
+            .collect();
+        let groups = retention::apply_policy(
+            &infos,
+            &policy,
+            group_by,
+            chrono::Utc::now(),
+            &chrono::Local,
+        )?;
+        for grp in &groups {
+            if !g.json && !g.quiet {
+                println!(
+                    "group host={} paths={} tags={}",
+                    grp.host.as_deref().unwrap_or("*"),
+                    grp.paths
+                        .as_ref()
+                        .map(|p| p.join(" "))
+                        .unwrap_or_else(|| "*".into()),
+                    grp.tags
+                        .as_ref()
+                        .map(|p| p.join(","))
+                        .unwrap_or_else(|| "*".into())
+                );
+            }
+            for d in &grp.decisions {
+                let id: Id = d.id.parse().map_err(|e| anyhow!("{e}"))?;
+                if !g.json && !g.quiet {
+                    println!(
+                        "  {} {}  {}  {}",
+                        if d.keep { "keep  " } else { "remove" },
+                        id.short(),
+                        local_time(&d.time),
+                        d.reasons.join(", ")
+                    );
+                }
+                if !d.keep {
+                    if let Some(s) = snaps.iter().find(|(sid, _)| *sid == id) {
+                        remove.push(s.clone());
+                    }
+                }
+            }
+        }
+        json_groups = serde_json::to_value(&groups)?;
+    }
+    if !a.dry_run {
+        for (id, _) in &remove {
+            repo.backend().delete(&format!("snapshots/{id}"))?;
+        }
+    }
+    if g.json {
+        print_json(&json!({
+            "dry_run": a.dry_run,
+            "removed": remove.iter().map(|(id, _)| id.to_hex()).collect::<Vec<_>>(),
+            "groups": json_groups,
+        }))?;
+    } else if !g.quiet {
+        println!(
+            "{} {} snapshots",
+            if a.dry_run { "would remove" } else { "removed" },
+            remove.len()
+        );
+    }
+    if a.prune && !a.dry_run {
+        return prune_repo(
+            g,
+            &repo,
+            &PruneArgs {
+                grace: "1h".into(),
+                max_unused: 50.0,
+                dry_run: false,
+            },
+        );
+    }
+    output::ok()
+}
+
+fn prune(g: &Global, a: &PruneArgs) -> Result<u8> {
+    let repo = open(g)?;
+    prune_repo(g, &repo, a)
+}
+
+fn prune_repo(g: &Global, repo: &Repository, a: &PruneArgs) -> Result<u8> {
+    if !(0.0..=100.0).contains(&a.max_unused) {
+        bail!("--max-unused is a percentage from 0 to 100");
+    }
+    let opts = PruneOptions {
+        grace: parse_duration(&a.grace)?,
+        max_unused: a.max_unused / 100.0,
+        dry_run: a.dry_run,
+    };
+    let r = lifeboat_core::prune::prune(repo, &opts)?;
+    if g.json {
+        print_json(&serde_json::to_value(&r)?)?;
+    } else if !g.quiet {
+        let verb = if a.dry_run { "would" } else { "did" };
+        println!(
+            "{} packs in the repository, {} in use",
+            r.packs_total, r.packs_used
+        );
+        println!(
+            "{verb} condemn {} packs ({}), repacking {} partly used ones",
+            r.packs_condemned,
+            bytes(r.bytes_condemned),
+            r.packs_repacked
+        );
+        println!(
+            "{verb} delete {} packs ({}) condemned earlier; {} spared",
+            r.packs_deleted,
+            bytes(r.bytes_deleted),
+            r.packs_spared
+        );
+        if let Some(t) = &r.next_deletion_after {
+            println!(
+                "condemned data is deleted by a prune run after {t} (grace period {})",
+                a.grace
+            );
+        }
+    }
+    output::ok()
+}
+
+fn key(g: &Global, k: &KeyCommand) -> Result<u8> {
+    let repo = open(g)?;
+    match k {
+        KeyCommand::List => {
+            let keys = repo.list_keys()?;
+            if g.json {
+                print_json(&serde_json::to_value(&keys)?)?;
+            } else {
+                println!("  {:<32}  {:<20}  {:<16}  user", "id", "created", "host");
+                for k in keys {
+                    println!(
+                        "{} {:<32}  {:<20}  {:<16}  {}",
+                        if k.current { "*" } else { " " },
+                        k.id,
+                        k.file.created,
+                        k.file.host,
+                        k.file.user
+                    );
+                }
+            }
+        }
+        KeyCommand::Add {
+            new_passphrase_file,
+        } => {
+            let p = passphrase(
+                new_passphrase_file.as_ref(),
+                "LIFEBOAT_NEW_PASSPHRASE",
+                "New passphrase: ",
+                true,
+            )?;
+            let id = repo.add_key(&p, kdf_work_factor()?)?;
+            if g.json {
+                print_json(&json!({"added": id}))?;
+            } else {
+                println!("added key {id}");
+            }
+        }
+        KeyCommand::Remove { id } => {
+            repo.remove_key(id)?;
+            if g.json {
+                print_json(&json!({"removed": id}))?;
+            } else {
+                println!("removed key {id}");
+            }
+        }
+        KeyCommand::Passwd {
+            new_passphrase_file,
+        } => {
+            let p = passphrase(
+                new_passphrase_file.as_ref(),
+                "LIFEBOAT_NEW_PASSPHRASE",
+                "New passphrase: ",
+                true,
+            )?;
+            let id = repo.change_passphrase(&p, kdf_work_factor()?)?;
+            if g.json {
+                print_json(&json!({"changed": id}))?;
+            } else {
+                println!("passphrase changed (new key {id})");
+            }
+        }
+    }
+    output::ok()
+}

@@ -1,0 +1,101 @@
+//! How results and errors are shown: exit codes for error classes, one clear
+//! error line (or a JSON object under `--json`), byte sizes for humans, and
+//! a progress line on a terminal.
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lifeboat_core::Error;
+
+/// Exit code: success.
+pub const OK: u8 = 0;
+/// Exit code: generic failure.
+pub const FAILURE: u8 = 1;
+/// Exit code: snapshot saved but incomplete, or restore partly failed.
+pub const INCOMPLETE: u8 = 3;
+/// Exit code: no repository at the location.
+pub const NO_REPOSITORY: u8 = 10;
+/// Exit code: wrong passphrase.
+pub const WRONG_PASSPHRASE: u8 = 12;
+/// Exit code: corruption found.
+pub const CORRUPT: u8 = 13;
+
+/// Maps an error to its documented exit code.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    match err.downcast_ref::<Error>() {
+        Some(Error::NoRepository { .. }) => NO_REPOSITORY,
+        Some(Error::WrongPassphrase) => WRONG_PASSPHRASE,
+        Some(Error::Corrupt { .. }) | Some(Error::Missing { .. }) => CORRUPT,
+        _ => FAILURE,
+    }
+}
+
+/// Prints an error: one line plus its causes, or JSON.
+pub fn print_error(err: &anyhow::Error, json: bool, code: u8) {
+    if json {
+        let v = serde_json::json!({
+            "error": format!("{err:#}"),
+            "exit_code": code,
+        });
+        eprintln!("{v}");
+    } else {
+        eprintln!("lifeboat: {err:#}");
+    }
+}
+
+/// Formats a byte count with binary units.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// A progress line redrawn on stderr while work runs, only when stderr is a
+/// terminal (nothing in a pipe or a log).
+pub struct ProgressLine {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ProgressLine {
+    /// Starts redrawing `render()` every 200 ms, if enabled and on a terminal.
+    pub fn start(enabled: bool, render: impl Fn() -> String + Send + 'static) -> ProgressLine {
+        let stop = Arc::new(AtomicBool::new(false));
+        let handle = (enabled && std::io::stderr().is_terminal()).then(|| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    eprint!("\r\x1b[2K{}", render());
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                eprint!("\r\x1b[2K");
+            })
+        });
+        ProgressLine { stop, handle }
+    }
+}
+
+impl Drop for ProgressLine {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Success exit code helper, so commands read `Ok(output::OK)`.
+pub fn ok() -> anyhow::Result<u8> {
+    Ok(OK)
+}

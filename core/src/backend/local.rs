@@ -1,0 +1,245 @@
+//! A repository in a local directory (or any mounted filesystem).
+//!
+//! Puts are atomic and durable in the order a crash-safe store needs: the
+//! bytes go to a temporary file in the destination directory, the file is
+//! fsynced, hard-linked to its final name (which, unlike `rename`, fails
+//! instead of replacing an existing object, so put-if-absent holds even
+//! between processes), the temporary name is removed and the directory is
+//! fsynced so the new entry survives power loss. Newly created directories
+//! are fsynced into their parent the same way.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use super::{validate_key, Backend, BackendError, ObjectInfo, PutOutcome};
+
+/// Temporary files of in-progress puts start with this; `list` skips them
+/// and `prune` removes stale ones.
+pub(crate) const TEMP_PREFIX: &str = ".lbtmp-";
+
+/// A [`Backend`] storing each object as a file under a root directory.
+#[derive(Debug, Clone)]
+pub struct LocalBackend {
+    root: PathBuf,
+}
+
+impl LocalBackend {
+    /// A backend rooted at `root`. The directory need not exist yet: the first
+    /// put creates it (that is how `init` makes a new repository).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    /// Creates `dir` and any missing parents, fsyncing each parent that gains
+    /// an entry so the directory chain is durable before objects land in it.
+    fn ensure_dir(&self, dir: &Path) -> io::Result<()> {
+        if dir.is_dir() {
+            return Ok(());
+        }
+        if let Some(parent) = dir.parent() {
+            self.ensure_dir(parent)?;
+        }
+        match fs::create_dir(dir) {
+            Ok(()) => {
+                if let Some(parent) = dir.parent() {
+                    sync_dir(parent)?;
+                }
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn walk(
+        &self,
+        dir: &Path,
+        rel: &str,
+        prefix: &str,
+        out: &mut Vec<ObjectInfo>,
+    ) -> io::Result<()> {
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with(TEMP_PREFIX) {
+                continue;
+            }
+            let key = if rel.is_empty() {
+                name.to_string()
+            } else {
+                format!("{rel}/{name}")
+            };
+            // Prune the walk early: descend only where the prefix can still match.
+            if !(key.starts_with(prefix) || prefix.starts_with(&key)) {
+                continue;
+            }
+            let meta = match entry.metadata() {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if meta.is_dir() {
+                self.walk(&entry.path(), &key, prefix, out)?;
+            } else if meta.is_file() && key.starts_with(prefix) {
+                out.push(ObjectInfo {
+                    key,
+                    size: meta.len(),
+                    modified: meta.modified()?,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes temporary files of puts that crashed, older than `age`. Returns
+    /// how many were removed.
+    pub fn remove_stale_temp_files(&self, age: std::time::Duration) -> io::Result<usize> {
+        fn visit(dir: &Path, age: std::time::Duration, n: &mut usize) -> io::Result<()> {
+            for entry in fs::read_dir(dir)? {
+                let entry = entry?;
+                let meta = entry.metadata()?;
+                if meta.is_dir() {
+                    visit(&entry.path(), age, n)?;
+                } else if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX)
+                    && meta.modified()?.elapsed().unwrap_or_default() > age
+                {
+                    fs::remove_file(entry.path())?;
+                    *n += 1;
+                }
+            }
+            Ok(())
+        }
+        let mut n = 0;
+        if self.root.is_dir() {
+            visit(&self.root, age, &mut n)?;
+        }
+        Ok(n)
+    }
+}
+
+/// Fsyncs a directory so that entries created or removed in it are durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Backend for LocalBackend {
+    fn put(&self, key: &str, data: &[u8]) -> Result<PutOutcome, BackendError> {
+        validate_key(key)?;
+        let path = self.path(key);
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        let err = |e| BackendError::from_io(key, e);
+        if path.exists() {
+            return Ok(PutOutcome::AlreadyExists);
+        }
+        self.ensure_dir(&dir).map_err(err)?;
+        let tmp = dir.join(format!(
+            "{TEMP_PREFIX}{}",
+            hex::encode(rand::random::<[u8; 12]>())
+        ));
+        let result = (|| -> io::Result<PutOutcome> {
+            let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            file.write_all(data)?;
+            file.sync_all()?;
+            drop(file);
+            let outcome = match fs::hard_link(&tmp, &path) {
+                Ok(()) => PutOutcome::Created,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => PutOutcome::AlreadyExists,
+                Err(e) => return Err(e),
+            };
+            fs::remove_file(&tmp)?;
+            sync_dir(&dir)?;
+            Ok(outcome)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(err)
+    }
+
+    fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<Vec<u8>, BackendError> {
+        validate_key(key)?;
+        let err = |e| BackendError::from_io(key, e);
+        let mut file = File::open(self.path(key)).map_err(err)?;
+        match range {
+            None => {
+                let mut buf =
+                    Vec::with_capacity(file.metadata().map(|m| m.len()).unwrap_or(0) as usize);
+                file.read_to_end(&mut buf).map_err(err)?;
+                Ok(buf)
+            }
+            Some(r) => {
+                let len = file.metadata().map_err(err)?.len();
+                let r = super::clip_range(Some(r), len);
+                let mut buf = vec![0; r.len()];
+                file.seek(SeekFrom::Start(r.start as u64)).map_err(err)?;
+                file.read_exact(&mut buf).map_err(err)?;
+                Ok(buf)
+            }
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
+        let mut out = Vec::new();
+        // Start the walk at the deepest directory the prefix names whole.
+        let (dir_rel, _) = prefix.rsplit_once('/').unwrap_or(("", prefix));
+        let start = if dir_rel.is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(dir_rel)
+        };
+        self.walk(&start, dir_rel, prefix, &mut out)
+            .map_err(|e| BackendError::from_io(prefix, e))?;
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), BackendError> {
+        validate_key(key)?;
+        let path = self.path(key);
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                if let Some(dir) = path.parent() {
+                    sync_dir(dir).map_err(|e| BackendError::from_io(key, e))?;
+                }
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(BackendError::from_io(key, e)),
+        }
+    }
+
+    fn stat(&self, key: &str) -> Result<ObjectInfo, BackendError> {
+        validate_key(key)?;
+        let meta = fs::metadata(self.path(key)).map_err(|e| BackendError::from_io(key, e))?;
+        if !meta.is_file() {
+            return Err(BackendError::NotFound {
+                key: key.to_string(),
+            });
+        }
+        Ok(ObjectInfo {
+            key: key.to_string(),
+            size: meta.len(),
+            modified: meta.modified().map_err(|e| BackendError::from_io(key, e))?,
+        })
+    }
+
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+}

@@ -1,0 +1,169 @@
+//! The storage contract every repository backend honours, and its implementations.
+//!
+//! A backend is a flat key/value object store with five operations. The
+//! repository format above it is designed so that these five are all it needs:
+//! every object name is content-derived or random, objects are never rewritten,
+//! and a snapshot becomes visible only when its last object is written. That is
+//! what lets a local directory, an in-memory map and (later) S3 share one
+//! contract and one conformance suite ([`conformance`]), in the manner of
+//! restic's `backend/test.Suite`.
+//!
+//! The trait is synchronous on purpose: the engines that call it run on plain
+//! worker threads doing CPU work (chunking, compression, encryption), and a
+//! network backend can own an async runtime and block on it from those threads.
+
+use std::fmt;
+use std::ops::Range;
+use std::time::SystemTime;
+
+pub mod conformance;
+mod local;
+mod mem;
+
+pub use local::LocalBackend;
+pub use mem::MemoryBackend;
+
+/// What a successful [`Backend::put`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The object did not exist and now holds the given bytes.
+    Created,
+    /// An object of that name already existed and was left untouched.
+    AlreadyExists,
+}
+
+/// Facts about one stored object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// The object's full key, e.g. `data/3f/3fa2…`.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// When the store says the object was written (the store's clock, not ours).
+    pub modified: SystemTime,
+}
+
+/// Why a backend operation failed, shaped by what callers branch on.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The object does not exist.
+    #[error("object {key} not found")]
+    NotFound {
+        /// The missing key.
+        key: String,
+    },
+    /// A failure that may succeed if retried (timeouts, throttling, 5xx).
+    #[error("temporary storage error on {key}: {message}")]
+    Temporary {
+        /// The key the operation was about.
+        key: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A failure that will not go away by retrying (permissions, bad request, full disk).
+    #[error("storage error on {key}: {message}")]
+    Permanent {
+        /// The key the operation was about.
+        key: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl BackendError {
+    /// True when retrying the same call may succeed.
+    pub fn is_temporary(&self) -> bool {
+        matches!(self, BackendError::Temporary { .. })
+    }
+
+    /// True for [`BackendError::NotFound`].
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, BackendError::NotFound { .. })
+    }
+
+    pub(crate) fn from_io(key: &str, err: std::io::Error) -> Self {
+        use std::io::ErrorKind::*;
+        match err.kind() {
+            NotFound => BackendError::NotFound {
+                key: key.to_string(),
+            },
+            Interrupted | TimedOut | WouldBlock => BackendError::Temporary {
+                key: key.to_string(),
+                message: err.to_string(),
+            },
+            _ => BackendError::Permanent {
+                key: key.to_string(),
+                message: err.to_string(),
+            },
+        }
+    }
+}
+
+/// An object store holding one repository.
+///
+/// # Contract
+///
+/// * Keys are `/`-separated ASCII strings made of `[a-z0-9._-]` segments; no
+///   segment is empty, `.` or `..`.
+/// * [`put`](Backend::put) is *put-if-absent* and atomic: readers see either
+///   no object or the whole object, never a prefix. If the key exists the
+///   stored object is left untouched and `AlreadyExists` is returned. Because
+///   every name in a repository is content-derived or random, a retried put is
+///   idempotent. When `put` returns, the object is durable.
+/// * [`get`](Backend::get) returns the whole object or the given byte range;
+///   a range reaching past the end is truncated to the end, and a range that
+///   starts at or past the end returns an empty vector.
+/// * [`list`](Backend::list) returns every object whose key starts with the
+///   prefix, in no particular order, never temporary files of in-progress puts.
+/// * [`delete`](Backend::delete) of a missing key succeeds (deletion is idempotent).
+/// * Every operation returns [`BackendError::NotFound`] only for a missing
+///   object, [`BackendError::Temporary`] only for errors worth retrying.
+/// * Implementations are safe to call from many threads at once, and from
+///   many processes on the same store.
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// Stores `data` under `key` unless an object already exists there.
+    fn put(&self, key: &str, data: &[u8]) -> Result<PutOutcome, BackendError>;
+    /// Reads an object, or the byte `range` of it.
+    fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<Vec<u8>, BackendError>;
+    /// Lists objects whose key starts with `prefix`.
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError>;
+    /// Removes an object; removing a missing object is not an error.
+    fn delete(&self, key: &str) -> Result<(), BackendError>;
+    /// Size and modification time of one object.
+    fn stat(&self, key: &str) -> Result<ObjectInfo, BackendError>;
+    /// A human-readable location, e.g. the directory or URL.
+    fn location(&self) -> String;
+}
+
+/// Checks that `key` obeys the key grammar in the [`Backend`] contract.
+pub(crate) fn validate_key(key: &str) -> Result<(), BackendError> {
+    let ok = !key.is_empty()
+        && key.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(BackendError::Permanent {
+            key: key.to_string(),
+            message: "invalid object key".to_string(),
+        })
+    }
+}
+
+/// Clips a requested range to an object of `len` bytes.
+pub(crate) fn clip_range(range: Option<Range<u64>>, len: u64) -> Range<usize> {
+    match range {
+        None => 0..len as usize,
+        Some(r) => {
+            let start = r.start.min(len);
+            let end = r.end.min(len).max(start);
+            start as usize..end as usize
+        }
+    }
+}

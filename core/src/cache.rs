@@ -1,0 +1,205 @@
+//! The local file cache: which blobs a file had the last time it was read.
+//!
+//! Keyed by absolute path; an entry is trusted only when size, mtime, ctime
+//! and inode all match and every blob it names is still in the repository
+//! index, so deleting the cache (or pruning the repository) costs speed and
+//! never correctness. Writes go into one transaction that is committed only
+//! after the snapshot is, so an interrupted backup leaves the cache as it was.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::error::{Error, Result};
+use crate::id::Id;
+
+/// Bumped whenever the table layout changes; an old cache is dropped.
+const SCHEMA_VERSION: i64 = 1;
+
+/// What the cache remembers about one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheEntry {
+    /// File size.
+    pub size: u64,
+    /// Modification time in nanoseconds.
+    pub mtime_ns: i64,
+    /// Change time in nanoseconds.
+    pub ctime_ns: i64,
+    /// Inode number.
+    pub inode: u64,
+    /// The file's blobs.
+    pub content: Vec<Id>,
+}
+
+/// An open file cache for one repository.
+pub struct FileCache {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl FileCache {
+    /// Opens (creating if needed) the cache for repository `repo_id` under `dir`.
+    pub fn open(dir: &Path, repo_id: &str) -> Result<FileCache> {
+        let dir = dir.join(repo_id);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let path = dir.join("files.sqlite");
+        match Self::open_at(&path) {
+            Ok(c) => Ok(c),
+            Err(_) => {
+                // A damaged cache is only a cache: start a new one.
+                let _ = std::fs::remove_file(&path);
+                Self::open_at(&path)
+            }
+        }
+    }
+
+    fn open_at(path: &Path) -> Result<FileCache> {
+        let err = |source| Error::Cache {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(err)?;
+        if version != SCHEMA_VERSION {
+            conn.execute_batch(
+                "DROP TABLE IF EXISTS files;
+                 CREATE TABLE files (
+                     path BLOB PRIMARY KEY,
+                     size INTEGER NOT NULL,
+                     mtime_ns INTEGER NOT NULL,
+                     ctime_ns INTEGER NOT NULL,
+                     inode INTEGER NOT NULL,
+                     content BLOB NOT NULL
+                 ) WITHOUT ROWID;",
+            )
+            .map_err(err)?;
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(err)?;
+        }
+        conn.execute_batch("BEGIN").map_err(err)?;
+        Ok(FileCache {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn err(&self, source: rusqlite::Error) -> Error {
+        Error::Cache {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// The entry for `path`, if any.
+    pub fn lookup(&self, path: &[u8]) -> Result<Option<CacheEntry>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT size, mtime_ns, ctime_ns, inode, content FROM files WHERE path = ?1",
+            )
+            .map_err(|e| self.err(e))?;
+        let row = stmt
+            .query_row(params![path], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Vec<u8>>(4)?,
+                ))
+            })
+            .optional()
+            .map_err(|e| self.err(e))?;
+        Ok(row.and_then(|(size, mtime_ns, ctime_ns, inode, content)| {
+            if content.len() % 32 != 0 {
+                return None;
+            }
+            Some(CacheEntry {
+                size: size as u64,
+                mtime_ns,
+                ctime_ns,
+                inode: inode as u64,
+                content: content
+                    .chunks_exact(32)
+                    .map(|c| Id(c.try_into().expect("32 bytes")))
+                    .collect(),
+            })
+        }))
+    }
+
+    /// Records (or replaces) the entry for `path`.
+    pub fn record(&self, path: &[u8], entry: &CacheEntry) -> Result<()> {
+        let mut content = Vec::with_capacity(entry.content.len() * 32);
+        for id in &entry.content {
+            content.extend_from_slice(&id.0);
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO files (path, size, mtime_ns, ctime_ns, inode, content)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .map_err(|e| self.err(e))?;
+        stmt.execute(params![
+            path,
+            entry.size as i64,
+            entry.mtime_ns,
+            entry.ctime_ns,
+            entry.inode as i64,
+            content
+        ])
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Makes the recorded entries durable.
+    pub fn commit(self) -> Result<()> {
+        self.conn.execute_batch("COMMIT").map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_survive_a_commit_and_vanish_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = CacheEntry {
+            size: 5,
+            mtime_ns: 1,
+            ctime_ns: 2,
+            inode: 3,
+            content: vec![Id::of_bytes(b"a"), Id::of_bytes(b"b")],
+        };
+        let cache = FileCache::open(dir.path(), "r").unwrap();
+        cache.record(b"/x", &entry).unwrap();
+        assert_eq!(cache.lookup(b"/x").unwrap(), Some(entry.clone()));
+        cache.commit().unwrap();
+        let cache = FileCache::open(dir.path(), "r").unwrap();
+        assert_eq!(cache.lookup(b"/x").unwrap(), Some(entry.clone()));
+        cache.record(b"/y", &entry).unwrap();
+        drop(cache);
+        let cache = FileCache::open(dir.path(), "r").unwrap();
+        assert_eq!(
+            cache.lookup(b"/y").unwrap(),
+            None,
+            "uncommitted entries are dropped"
+        );
+    }
+
+    #[test]
+    fn a_garbage_cache_file_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("r")).unwrap();
+        std::fs::write(dir.path().join("r/files.sqlite"), b"not a database at all").unwrap();
+        let cache = FileCache::open(dir.path(), "r").unwrap();
+        assert_eq!(cache.lookup(b"/x").unwrap(), None);
+    }
+}

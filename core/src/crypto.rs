@@ -1,0 +1,289 @@
+//! Repository keys and encryption.
+//!
+//! A repository has one master secret: an age X25519 identity (which decrypts
+//! everything), a 32-byte chunk key (the BLAKE3 key that names blobs, so blob
+//! IDs do not reveal content to outsiders), and a 32-byte MAC key that
+//! authenticates the plaintext repository config. Every object is encrypted
+//! with age to the repository's X25519 recipients, so a writer needs only the
+//! public half, and anyone holding the identity can open any object with the
+//! standard `age` tool (see ARCHITECTURE.md, "Emergency path").
+//!
+//! The master secret is stored in the repository once per passphrase, each
+//! copy encrypted with age's scrypt passphrase mode in a small JSON key file.
+
+use std::io::{Read, Write};
+use std::str::FromStr;
+
+use age::secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::id::Id;
+
+/// The scrypt work factor (log2 N) for new key files: age's own default.
+pub const DEFAULT_KDF_WORK_FACTOR: u8 = 18;
+/// The highest work factor we agree to compute when opening a key file, so a
+/// hostile key file cannot make us spin for hours.
+const MAX_KDF_WORK_FACTOR: u8 = 22;
+
+/// The public part of the repository's keys: enough to write new objects.
+#[derive(Clone)]
+pub struct Recipients {
+    recipients: Vec<age::x25519::Recipient>,
+}
+
+impl std::fmt::Debug for Recipients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.recipients.iter().map(|r| r.to_string()))
+            .finish()
+    }
+}
+
+impl Recipients {
+    /// Parses `age1…` recipient strings.
+    pub fn parse(list: &[String]) -> Result<Recipients> {
+        let recipients = list
+            .iter()
+            .map(|s| {
+                age::x25519::Recipient::from_str(s).map_err(|e| {
+                    Error::corrupt("repository config", format!("bad recipient {s:?}: {e}"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if recipients.is_empty() {
+            return Err(Error::corrupt("repository config", "no recipients"));
+        }
+        Ok(Recipients { recipients })
+    }
+
+    /// The recipients as `age1…` strings.
+    pub fn to_strings(&self) -> Vec<String> {
+        self.recipients.iter().map(|r| r.to_string()).collect()
+    }
+
+    /// Encrypts `plaintext` into an age file readable by any of the recipients.
+    pub fn encrypt(&self, plaintext: &[u8]) -> Vec<u8> {
+        let encryptor = age::Encryptor::with_recipients(
+            self.recipients.iter().map(|r| r as &dyn age::Recipient),
+        )
+        .expect("x25519 recipients always wrap");
+        // age adds a header of ~200 bytes and 16 bytes per 64 KiB segment.
+        let mut out = Vec::with_capacity(plaintext.len() + plaintext.len() / 4096 + 512);
+        let mut writer = encryptor
+            .wrap_output(&mut out)
+            .expect("writing to a Vec cannot fail");
+        writer
+            .write_all(plaintext)
+            .expect("writing to a Vec cannot fail");
+        writer.finish().expect("writing to a Vec cannot fail");
+        out
+    }
+}
+
+/// The full secret of a repository: decrypts everything and names blobs.
+#[derive(Clone)]
+pub struct MasterKey {
+    identity: age::x25519::Identity,
+    chunk_key: [u8; 32],
+    mac_key: [u8; 32],
+}
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(..)")
+    }
+}
+
+/// The secret as stored (encrypted) inside a key file.
+#[derive(Serialize, Deserialize)]
+struct SecretJson {
+    identity: String,
+    chunk_key: String,
+    mac_key: String,
+}
+
+/// A key file as stored under `keys/`: who made it and when (in plaintext,
+/// so `key list` can show it), and the age-encrypted secret.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct KeyFile {
+    /// Format version of the key file.
+    pub version: u32,
+    /// When the key was added (RFC 3339).
+    pub created: String,
+    /// Host that added it.
+    pub host: String,
+    /// User that added it.
+    pub user: String,
+    /// scrypt work factor (log2 N) the secret is sealed with.
+    pub kdf_work_factor: u8,
+    /// The master secret, age scrypt-encrypted, ASCII-armored.
+    pub encrypted: String,
+}
+
+impl MasterKey {
+    /// Generates a fresh random master key.
+    pub fn generate() -> MasterKey {
+        MasterKey {
+            identity: age::x25519::Identity::generate(),
+            chunk_key: rand::random(),
+            mac_key: rand::random(),
+        }
+    }
+
+    /// The recipient matching this key's identity.
+    pub fn recipient(&self) -> String {
+        self.identity.to_public().to_string()
+    }
+
+    /// The keyed BLAKE3 ID of a blob's plaintext.
+    pub fn blob_id(&self, plaintext: &[u8]) -> Id {
+        Id(*blake3::keyed_hash(&self.chunk_key, plaintext).as_bytes())
+    }
+
+    /// A hasher for the blob ID of data arriving in pieces.
+    pub fn blob_hasher(&self) -> blake3::Hasher {
+        blake3::Hasher::new_keyed(&self.chunk_key)
+    }
+
+    /// A MAC over `bytes` (authenticates the plaintext config).
+    pub fn mac(&self, bytes: &[u8]) -> String {
+        hex::encode(blake3::keyed_hash(&self.mac_key, bytes).as_bytes())
+    }
+
+    /// Decrypts an age file encrypted to this repository. `what` names the
+    /// object in the error if it fails.
+    pub fn decrypt(&self, ciphertext: &[u8], what: &dyn Fn() -> String) -> Result<Vec<u8>> {
+        let decryptor = age::Decryptor::new_buffered(ciphertext)
+            .map_err(|e| Error::corrupt(what(), format!("not an age file: {e}")))?;
+        let mut reader = decryptor
+            .decrypt(std::iter::once(&self.identity as &dyn age::Identity))
+            .map_err(|e| Error::corrupt(what(), format!("cannot decrypt: {e}")))?;
+        let mut out = Vec::with_capacity(ciphertext.len());
+        reader
+            .read_to_end(&mut out)
+            .map_err(|e| Error::corrupt(what(), format!("authentication failed: {e}")))?;
+        Ok(out)
+    }
+
+    /// Seals this key with a passphrase into a key file.
+    pub fn seal(&self, passphrase: &str, work_factor: u8) -> KeyFile {
+        let secret = SecretJson {
+            identity: self.identity.to_string().expose_secret().to_string(),
+            chunk_key: hex::encode(self.chunk_key),
+            mac_key: hex::encode(self.mac_key),
+        };
+        let plaintext = serde_json::to_vec(&secret).expect("serialising a struct");
+        let mut recipient = age::scrypt::Recipient::new(SecretString::from(passphrase.to_string()));
+        recipient.set_work_factor(work_factor);
+        let encryptor =
+            age::Encryptor::with_recipients(std::iter::once(&recipient as &dyn age::Recipient))
+                .expect("scrypt recipient wraps");
+        let mut armored = Vec::new();
+        {
+            let armor = age::armor::ArmoredWriter::wrap_output(
+                &mut armored,
+                age::armor::Format::AsciiArmor,
+            )
+            .expect("writing to a Vec");
+            let mut writer = encryptor.wrap_output(armor).expect("writing to a Vec");
+            writer.write_all(&plaintext).expect("writing to a Vec");
+            writer
+                .finish()
+                .and_then(|a| a.finish())
+                .expect("writing to a Vec");
+        }
+        KeyFile {
+            version: 1,
+            created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            host: crate::fsmeta::hostname(),
+            user: crate::fsmeta::username(),
+            kdf_work_factor: work_factor,
+            encrypted: String::from_utf8(armored).expect("armor is ASCII"),
+        }
+    }
+
+    /// Opens a key file with a passphrase. Returns `Ok(None)` when the
+    /// passphrase does not match, and an error when the file is damaged.
+    pub fn unseal(file: &KeyFile, passphrase: &str, name: &str) -> Result<Option<MasterKey>> {
+        let reader = age::armor::ArmoredReader::new(file.encrypted.as_bytes());
+        let decryptor = age::Decryptor::new(reader)
+            .map_err(|e| Error::corrupt(format!("key {name}"), e.to_string()))?;
+        let mut identity = age::scrypt::Identity::new(SecretString::from(passphrase.to_string()));
+        identity.set_max_work_factor(MAX_KDF_WORK_FACTOR);
+        let mut reader = match decryptor.decrypt(std::iter::once(&identity as &dyn age::Identity)) {
+            Ok(r) => r,
+            Err(age::DecryptError::DecryptionFailed) | Err(age::DecryptError::NoMatchingKeys) => {
+                return Ok(None)
+            }
+            Err(e) => return Err(Error::corrupt(format!("key {name}"), e.to_string())),
+        };
+        let mut plaintext = Vec::new();
+        reader
+            .read_to_end(&mut plaintext)
+            .map_err(|e| Error::corrupt(format!("key {name}"), e.to_string()))?;
+        let secret: SecretJson = serde_json::from_slice(&plaintext)
+            .map_err(|e| Error::corrupt(format!("key {name}"), e.to_string()))?;
+        let bad = |what: &str| Error::corrupt(format!("key {name}"), format!("bad {what}"));
+        let identity =
+            age::x25519::Identity::from_str(&secret.identity).map_err(|_| bad("identity"))?;
+        let mut chunk_key = [0u8; 32];
+        hex::decode_to_slice(&secret.chunk_key, &mut chunk_key).map_err(|_| bad("chunk key"))?;
+        let mut mac_key = [0u8; 32];
+        hex::decode_to_slice(&secret.mac_key, &mut mac_key).map_err(|_| bad("mac key"))?;
+        Ok(Some(MasterKey {
+            identity,
+            chunk_key,
+            mac_key,
+        }))
+    }
+
+    /// The age identity as an `AGE-SECRET-KEY-1…` string, for the emergency
+    /// path (`lifeboat key show-identity`).
+    pub fn identity_string(&self) -> String {
+        self.identity.to_string().expose_secret().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_key_opens_with_its_passphrase_only() {
+        let key = MasterKey::generate();
+        let file = key.seal("correct horse", 10);
+        let opened = MasterKey::unseal(&file, "correct horse", "k")
+            .unwrap()
+            .unwrap();
+        assert_eq!(opened.blob_id(b"x"), key.blob_id(b"x"));
+        assert!(MasterKey::unseal(&file, "wrong", "k").unwrap().is_none());
+    }
+
+    #[test]
+    fn encrypted_objects_decrypt_with_the_identity_and_detect_tampering() {
+        let key = MasterKey::generate();
+        let recipients = Recipients::parse(&[key.recipient()]).unwrap();
+        let data: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let mut ct = recipients.encrypt(&data);
+        assert_eq!(key.decrypt(&ct, &|| "obj".into()).unwrap(), data);
+        let n = ct.len();
+        ct[n - 100] ^= 1;
+        assert!(matches!(
+            key.decrypt(&ct, &|| "obj".into()),
+            Err(Error::Corrupt { .. })
+        ));
+        let other = MasterKey::generate();
+        assert!(other
+            .decrypt(&recipients.encrypt(b"x"), &|| "obj".into())
+            .is_err());
+    }
+
+    #[test]
+    fn blob_ids_depend_on_the_repository_key() {
+        let a = MasterKey::generate();
+        let b = MasterKey::generate();
+        assert_ne!(a.blob_id(b"same"), b.blob_id(b"same"));
+        assert_eq!(a.blob_id(b"same"), a.blob_id(b"same"));
+    }
+}

@@ -1,0 +1,232 @@
+//! Thin, safe wrappers over the Linux calls that std does not expose:
+//! extended attributes, device nodes, FIFOs, ownership and nanosecond
+//! timestamps on symlinks, user and group names. Everything here works on a
+//! path without following a final symlink, because a backup must record (and
+//! a restore must recreate) the link itself, never what it points to.
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Mutex;
+
+fn cpath(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Reads every extended attribute of `path` (not following symlinks), sorted
+/// by name. Filesystems without xattr support yield an empty list.
+pub fn read_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let p = cpath(path)?;
+    let mut names = vec![0u8; 1024];
+    let len = loop {
+        // SAFETY: `p` is a valid C string and `names` is a writable buffer of the given length.
+        let n = unsafe { libc::llistxattr(p.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::ERANGE) => names.resize(names.len() * 4, 0),
+            Some(libc::ENOTSUP) => return Ok(Vec::new()),
+            _ => return Err(err),
+        }
+    };
+    let mut out = Vec::new();
+    for name in names[..len].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let cname = CString::new(name).expect("split on NUL");
+        let mut value = vec![0u8; 256];
+        loop {
+            // SAFETY: valid C strings and a writable buffer of the given length.
+            let n = unsafe {
+                libc::lgetxattr(
+                    p.as_ptr(),
+                    cname.as_ptr(),
+                    value.as_mut_ptr().cast(),
+                    value.len(),
+                )
+            };
+            if n >= 0 {
+                value.truncate(n as usize);
+                out.push((name.to_vec(), value));
+                break;
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::ERANGE) => value.resize(value.len() * 4, 0),
+                // The attribute vanished between list and get.
+                Some(libc::ENODATA) => break,
+                _ => return Err(err),
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Sets one extended attribute on `path` without following symlinks.
+pub fn set_xattr(path: &Path, name: &[u8], value: &[u8]) -> io::Result<()> {
+    let p = cpath(path)?;
+    let n = CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "xattr name contains NUL"))?;
+    // SAFETY: valid C strings, and `value` is readable for its length.
+    check(unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    })
+}
+
+/// Creates a FIFO, character or block device node (`mode` includes the type bits).
+pub fn mknod(path: &Path, mode: u32, rdev: u64) -> io::Result<()> {
+    let p = cpath(path)?;
+    // SAFETY: `p` is a valid C string.
+    check(unsafe { libc::mknod(p.as_ptr(), mode as libc::mode_t, rdev as libc::dev_t) })
+}
+
+/// Changes owner and group of `path` without following symlinks.
+pub fn lchown(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    let p = cpath(path)?;
+    // SAFETY: `p` is a valid C string.
+    check(unsafe { libc::lchown(p.as_ptr(), uid, gid) })
+}
+
+/// Sets the modification time (and access time to the same value) of `path`
+/// with nanosecond precision, without following symlinks.
+pub fn set_mtime(path: &Path, secs: i64, nanos: u32) -> io::Result<()> {
+    let p = cpath(path)?;
+    let t = libc::timespec {
+        tv_sec: secs as libc::time_t,
+        tv_nsec: nanos as _,
+    };
+    let times = [t, t];
+    // SAFETY: valid C string and a two-element timespec array.
+    check(unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            p.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+}
+
+/// The effective user ID of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// This machine's host name.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is writable for its length.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    if !ok {
+        return "localhost".to_string();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// The name of the user running this process.
+pub fn username() -> String {
+    user_name(euid()).unwrap_or_else(|| euid().to_string())
+}
+
+static USER_NAMES: Mutex<Option<HashMap<u32, Option<String>>>> = Mutex::new(None);
+static GROUP_NAMES: Mutex<Option<HashMap<u32, Option<String>>>> = Mutex::new(None);
+
+/// The name of user `uid`, cached (backups look up the same few IDs millions of times).
+pub fn user_name(uid: u32) -> Option<String> {
+    let mut cache = USER_NAMES.lock().expect("user name cache poisoned");
+    cache
+        .get_or_insert_with(HashMap::new)
+        .entry(uid)
+        .or_insert_with(|| {
+            let mut buf = vec![0u8; 4096];
+            // SAFETY: passwd is plain data; getpwuid_r writes into it and `buf`.
+            let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+            let mut result = std::ptr::null_mut();
+            // SAFETY: all pointers are valid for the duration of the call.
+            let rc = unsafe {
+                libc::getpwuid_r(
+                    uid,
+                    &mut pwd,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    &mut result,
+                )
+            };
+            if rc != 0 || result.is_null() {
+                return None;
+            }
+            // SAFETY: on success pw_name points into `buf`, NUL-terminated.
+            Some(
+                unsafe { CStr::from_ptr(pwd.pw_name) }
+                    .to_string_lossy()
+                    .into_owned(),
+            )
+        })
+        .clone()
+}
+
+/// The name of group `gid`, cached.
+pub fn group_name(gid: u32) -> Option<String> {
+    let mut cache = GROUP_NAMES.lock().expect("group name cache poisoned");
+    cache
+        .get_or_insert_with(HashMap::new)
+        .entry(gid)
+        .or_insert_with(|| {
+            let mut buf = vec![0u8; 4096];
+            // SAFETY: group is plain data; getgrgid_r writes into it and `buf`.
+            let mut grp: libc::group = unsafe { std::mem::zeroed() };
+            let mut result = std::ptr::null_mut();
+            // SAFETY: all pointers are valid for the duration of the call.
+            let rc = unsafe {
+                libc::getgrgid_r(
+                    gid,
+                    &mut grp,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    &mut result,
+                )
+            };
+            if rc != 0 || result.is_null() {
+                return None;
+            }
+            // SAFETY: on success gr_name points into `buf`, NUL-terminated.
+            Some(
+                unsafe { CStr::from_ptr(grp.gr_name) }
+                    .to_string_lossy()
+                    .into_owned(),
+            )
+        })
+        .clone()
+}
+
+/// True when `name` is a safe single path component: not empty, not `.` or
+/// `..`, no `/` and no NUL. Restore refuses every other name, which is what
+/// keeps a hostile snapshot from writing outside the target.
+pub fn is_safe_name(name: &[u8]) -> bool {
+    !name.is_empty() && name != b"." && name != b".." && !name.contains(&b'/') && !name.contains(&0)
+}
+
+/// `OsStr` from raw bytes.
+pub fn os(bytes: &[u8]) -> &OsStr {
+    OsStr::from_bytes(bytes)
+}

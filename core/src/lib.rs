@@ -1,0 +1,33 @@
+//! Lifeboat's dedup core and repository format.
+//!
+//! Only this crate knows how a repository is laid out (see `repo` for the
+//! object table and ARCHITECTURE.md for the whole format). Callers open a
+//! [`Repository`] on a [`Backend`] and drive the engines: [`backup`],
+//! [`restore`], [`check`], [`prune`] and the [`retention`] policy behind
+//! `forget`.
+
+pub mod backend;
+pub mod backup;
+mod cache;
+pub mod check;
+mod crypto;
+mod error;
+mod fsmeta;
+mod id;
+mod index;
+mod pack;
+mod parallel;
+pub mod prune;
+mod repo;
+pub mod restore;
+pub mod retention;
+mod tree;
+pub mod walk;
+
+pub use backend::Backend;
+pub use crypto::DEFAULT_KDF_WORK_FACTOR;
+pub use error::{Error, Result};
+pub use id::Id;
+pub use index::Index;
+pub use repo::{ChunkerParams, Config, InitOptions, KeyInfo, Repository, FORMAT_VERSION};
+pub use tree::{Bytes, Node, NodeKind, Snapshot, Summary, Tree};

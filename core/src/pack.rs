@@ -1,0 +1,335 @@
+//! Blob encoding and the pack format.
+//!
+//! Every blob is stored as one zstd frame: compressed when that pays, and
+//! otherwise as a frame of raw blocks that we build by hand (no compression
+//! work, a memcpy to decode). A pack is the concatenation of such frames
+//! followed by a zstd *skippable* frame holding the pack header as JSON, and
+//! the whole plaintext is one age file. The result is that
+//! `age -d -i identity pack | zstd -d` prints the plaintext of every blob in
+//! the pack and skips the header, with no lifeboat code involved (ARCHITECTURE.md,
+//! "Emergency path").
+//!
+//! Plaintext layout:
+//!
+//! ```text
+//! frame(blob 0) frame(blob 1) … | 0x184D2A50 u32le(n) | header JSON | u32le(json_len) "LBPK"
+//!                                  `------------- skippable frame, n = json_len + 8 ---------'
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::Id;
+
+/// zstd frame magic number.
+const ZSTD_MAGIC: u32 = 0xFD2F_B528;
+/// First skippable-frame magic number (zstd reserves 0x184D2A50..=0x184D2A5F).
+const SKIPPABLE_MAGIC: u32 = 0x184D_2A50;
+/// Marks the end of a pack's plaintext.
+const TRAILER_MAGIC: &[u8; 4] = b"LBPK";
+/// zstd's maximum block size.
+const MAX_BLOCK: usize = 128 * 1024;
+/// Upper bound on a declared pack header, so a hostile pack cannot make us
+/// allocate without limit.
+const MAX_HEADER: usize = 64 * 1024 * 1024;
+/// Upper bound on one blob's plaintext (the chunker's maximum is 8 MiB; trees
+/// of huge directories can be larger).
+pub const MAX_BLOB: u32 = 256 * 1024 * 1024;
+
+/// Whether a blob holds file data or a tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlobKind {
+    /// File content.
+    Data,
+    /// A serialised [`Tree`](crate::tree::Tree).
+    Tree,
+}
+
+/// Where one blob sits in a pack's plaintext.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackEntry {
+    /// Keyed hash of the blob's plaintext.
+    pub id: Id,
+    /// Offset of the blob's frame in the pack plaintext.
+    pub offset: u32,
+    /// Length of the frame.
+    pub length: u32,
+    /// Length of the blob's plaintext.
+    pub raw_length: u32,
+}
+
+/// The JSON in a pack's skippable trailer frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackHeader {
+    /// Pack format version.
+    pub version: u32,
+    /// What the blobs are.
+    #[serde(rename = "type")]
+    pub kind: BlobKind,
+    /// The blobs, in order.
+    pub blobs: Vec<PackEntry>,
+}
+
+/// Reusable per-thread compression state.
+pub struct BlobEncoder {
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+    buf: Vec<u8>,
+}
+
+impl BlobEncoder {
+    /// An encoder at zstd `level`; level 0 means never compress.
+    pub fn new(level: i32) -> BlobEncoder {
+        let compressor = (level != 0).then(|| {
+            let mut c = zstd::bulk::Compressor::new(level).expect("valid zstd level");
+            // Blob IDs already authenticate the plaintext; a checksum would be redundant.
+            c.include_checksum(false).expect("zstd parameter");
+            c.include_contentsize(true).expect("zstd parameter");
+            c
+        });
+        BlobEncoder {
+            compressor,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Encodes `data` as one zstd frame appended to `out`: compressed if that
+    /// saves at least 1/32 of the size, raw otherwise.
+    pub fn encode_into(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        if let Some(compressor) = &mut self.compressor {
+            let bound = zstd::zstd_safe::compress_bound(data.len());
+            self.buf.clear();
+            self.buf.reserve(bound);
+            if let Ok(n) = compressor.compress_to_buffer(data, &mut self.buf) {
+                if n < data.len() - data.len() / 32 {
+                    out.extend_from_slice(&self.buf);
+                    return;
+                }
+            }
+        }
+        raw_frame(data, out);
+    }
+}
+
+/// Appends a zstd frame of raw (uncompressed) blocks holding `data`.
+pub fn raw_frame(data: &[u8], out: &mut Vec<u8>) {
+    out.reserve(data.len() + 16 + 3 * (data.len() / MAX_BLOCK + 1));
+    out.extend_from_slice(&ZSTD_MAGIC.to_le_bytes());
+    // Frame header descriptor: 8-byte content size, single segment (so no
+    // window descriptor), no checksum, no dictionary.
+    out.push(0b1110_0000);
+    out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    let mut blocks = data.chunks(MAX_BLOCK).peekable();
+    if blocks.peek().is_none() {
+        // An empty frame still needs one (last, empty) block.
+        out.extend_from_slice(&1u32.to_le_bytes()[..3]);
+        return;
+    }
+    while let Some(block) = blocks.next() {
+        let last = blocks.peek().is_none() as u32;
+        // Block header: bit 0 last-block, bits 1-2 type (0 = raw), bits 3.. size.
+        let header = last | ((block.len() as u32) << 3);
+        out.extend_from_slice(&header.to_le_bytes()[..3]);
+        out.extend_from_slice(block);
+    }
+}
+
+/// Decodes one blob frame whose plaintext is `raw_length` bytes.
+pub fn decode_blob(frame: &[u8], raw_length: u32) -> Result<Vec<u8>, String> {
+    if raw_length > MAX_BLOB {
+        return Err(format!("declared blob length {raw_length} is implausible"));
+    }
+    let mut out = Vec::with_capacity(raw_length as usize);
+    zstd::stream::copy_decode(frame, &mut out).map_err(|e| format!("zstd: {e}"))?;
+    if out.len() != raw_length as usize {
+        return Err(format!(
+            "decoded {} bytes, expected {raw_length}",
+            out.len()
+        ));
+    }
+    Ok(out)
+}
+
+/// Accumulates blob frames into one pack's plaintext.
+#[derive(Debug)]
+pub struct PackBuilder {
+    kind: BlobKind,
+    buf: Vec<u8>,
+    entries: Vec<PackEntry>,
+}
+
+impl PackBuilder {
+    /// An empty pack of blobs of `kind`.
+    pub fn new(kind: BlobKind, capacity: usize) -> PackBuilder {
+        PackBuilder {
+            kind,
+            buf: Vec::with_capacity(capacity),
+            entries: Vec::new(),
+        }
+    }
+
+    /// Appends an encoded frame for blob `id` of `raw_length` plaintext bytes.
+    pub fn add(&mut self, id: Id, raw_length: u32, frame: &[u8]) {
+        self.entries.push(PackEntry {
+            id,
+            offset: self.buf.len() as u32,
+            length: frame.len() as u32,
+            raw_length,
+        });
+        self.buf.extend_from_slice(frame);
+    }
+
+    /// Bytes so far.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// True when no blob was added.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The blob kind.
+    pub fn kind(&self) -> BlobKind {
+        self.kind
+    }
+
+    /// Appends the header trailer and returns the plaintext and the entries.
+    pub fn finish(mut self) -> (Vec<u8>, PackHeader) {
+        let header = PackHeader {
+            version: 1,
+            kind: self.kind,
+            blobs: std::mem::take(&mut self.entries),
+        };
+        let json = serde_json::to_vec(&header).expect("pack header serialises");
+        self.buf.extend_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
+        self.buf
+            .extend_from_slice(&((json.len() + 8) as u32).to_le_bytes());
+        self.buf.extend_from_slice(&json);
+        self.buf
+            .extend_from_slice(&(json.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(TRAILER_MAGIC);
+        (self.buf, header)
+    }
+}
+
+/// Parses the header of a pack's plaintext and checks that every entry lies
+/// inside the data area, in order and without overlap.
+pub fn parse_pack(plain: &[u8]) -> Result<PackHeader, String> {
+    let n = plain.len();
+    if n < 16 || &plain[n - 4..] != TRAILER_MAGIC {
+        return Err("pack trailer missing".to_string());
+    }
+    let json_len = u32::from_le_bytes(plain[n - 8..n - 4].try_into().expect("4 bytes")) as usize;
+    if json_len > MAX_HEADER || json_len + 16 > n {
+        return Err(format!("pack header length {json_len} is out of range"));
+    }
+    let frame_start = n - 8 - json_len - 8;
+    let magic = u32::from_le_bytes(
+        plain[frame_start..frame_start + 4]
+            .try_into()
+            .expect("4 bytes"),
+    );
+    let size = u32::from_le_bytes(
+        plain[frame_start + 4..frame_start + 8]
+            .try_into()
+            .expect("4 bytes"),
+    );
+    if magic != SKIPPABLE_MAGIC || size as usize != json_len + 8 {
+        return Err("pack header frame is malformed".to_string());
+    }
+    let header: PackHeader = serde_json::from_slice(&plain[frame_start + 8..n - 8])
+        .map_err(|e| format!("pack header is not valid JSON: {e}"))?;
+    if header.version != 1 {
+        return Err(format!("unknown pack version {}", header.version));
+    }
+    let mut end = 0u64;
+    for e in &header.blobs {
+        if (e.offset as u64) < end || e.offset as u64 + e.length as u64 > frame_start as u64 {
+            return Err(format!("blob {} lies outside the pack data", e.id.short()));
+        }
+        end = e.offset as u64 + e.length as u64;
+    }
+    Ok(header)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn raw_frames_decode_with_the_zstd_library() {
+        for len in [
+            0,
+            1,
+            MAX_BLOCK - 1,
+            MAX_BLOCK,
+            MAX_BLOCK + 1,
+            3 * MAX_BLOCK + 77,
+        ] {
+            let data = pseudo_random(len, len as u64);
+            let mut frame = Vec::new();
+            raw_frame(&data, &mut frame);
+            assert_eq!(decode_blob(&frame, len as u32).unwrap(), data, "len {len}");
+        }
+    }
+
+    #[test]
+    fn incompressible_data_is_stored_raw_and_text_is_compressed() {
+        let mut enc = BlobEncoder::new(3);
+        let random = pseudo_random(100_000, 7);
+        let mut out = Vec::new();
+        enc.encode_into(&random, &mut out);
+        assert!(out.len() <= random.len() + 64, "random data stored raw");
+        let text = b"lifeboat ".repeat(10_000);
+        let mut out2 = Vec::new();
+        enc.encode_into(&text, &mut out2);
+        assert!(out2.len() < text.len() / 10, "text compressed");
+        assert_eq!(decode_blob(&out2, text.len() as u32).unwrap(), text);
+    }
+
+    #[test]
+    fn decode_rejects_a_wrong_declared_length() {
+        let mut frame = Vec::new();
+        raw_frame(b"hello", &mut frame);
+        assert!(decode_blob(&frame, 6).is_err());
+        assert!(decode_blob(&frame, MAX_BLOB + 1).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn packs_round_trip(blobs in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..5000), 0..20)) {
+            let mut enc = BlobEncoder::new(3);
+            let mut pb = PackBuilder::new(BlobKind::Data, 0);
+            for b in &blobs {
+                let mut frame = Vec::new();
+                enc.encode_into(b, &mut frame);
+                pb.add(Id::of_bytes(b), b.len() as u32, &frame);
+            }
+            let (plain, header) = pb.finish();
+            let parsed = parse_pack(&plain).unwrap();
+            prop_assert_eq!(&parsed, &header);
+            for (e, b) in parsed.blobs.iter().zip(&blobs) {
+                let frame = &plain[e.offset as usize..(e.offset + e.length) as usize];
+                prop_assert_eq!(&decode_blob(frame, e.raw_length).unwrap(), b);
+            }
+        }
+
+        #[test]
+        fn parse_pack_never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = parse_pack(&bytes);
+        }
+    }
+}

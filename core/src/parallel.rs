@@ -1,0 +1,43 @@
+//! A tiny scoped parallel map for I/O-bound fan-out (loading index and
+//! snapshot objects), bounded to a few threads so a repository with thousands
+//! of objects does not spawn thousands of threads.
+
+/// Applies `f` to every item on up to `worker_count()` threads, preserving order.
+pub fn map<T, R, F>(items: Vec<T>, f: F) -> Vec<R>
+where
+    T: Send,
+    R: Send,
+    F: Fn(T) -> R + Sync,
+{
+    let n = items.len();
+    if n <= 1 {
+        return items.into_iter().map(f).collect();
+    }
+    let threads = worker_count().min(n);
+    let queue = std::sync::Mutex::new(items.into_iter().enumerate());
+    let results = std::sync::Mutex::new((0..n).map(|_| None).collect::<Vec<Option<R>>>());
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let next = queue.lock().expect("queue poisoned").next();
+                let Some((i, item)) = next else { break };
+                let r = f(item);
+                results.lock().expect("results poisoned")[i] = Some(r);
+            });
+        }
+    });
+    results
+        .into_inner()
+        .expect("results poisoned")
+        .into_iter()
+        .map(|r| r.expect("every item processed"))
+        .collect()
+}
+
+/// Worker threads for CPU work: one per core, at least two so I/O overlaps.
+pub fn worker_count() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .max(2)
+}

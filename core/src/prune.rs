@@ -1,0 +1,426 @@
+//! Prune: delete data no snapshot needs, safely while other hosts back up.
+//!
+//! Deletion is two-phase, with no locks (after kopia and duplicacy):
+//!
+//! 1. **Condemn.** A prune computes which packs no snapshot needs (and
+//!    repacks the live blobs of mostly-empty packs into new packs), then
+//!    writes a *plan* object `pending/<id>` naming the condemned packs. It
+//!    deletes nothing.
+//! 2. **Delete.** A later prune executes every plan older than the grace
+//!    period, measured with the storage's own timestamps (so a host whose
+//!    clock is hours off cannot shorten it). It re-reads the snapshots first
+//!    and spares any condemned pack that a snapshot committed since needs.
+//!    It writes a consolidated index, removes the old index objects it read,
+//!    and then the packs. Plan objects stay for [`PLAN_RETENTION`] after.
+//!
+//! Backups cooperate in two cheap ways. At start they drop every condemned
+//! pack from their dedup index, so they never newly depend on one. Before
+//! committing their snapshot they re-list the plans; if a plan they had not
+//! seen names a pack they reused or wrote, they refuse to commit (their data
+//! stays, and the next run reuses it). A snapshot is therefore either visible
+//! to the delete phase's re-check or was never committed.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::index::{IndexFile, IndexPack};
+use crate::pack::{parse_pack, BlobKind, PackBuilder};
+use crate::repo::{pack_key, Repository};
+use crate::tree::NodeKind;
+
+/// How long executed plans are kept, so that even a very long backup that
+/// started before a plan sees it at commit time.
+pub const PLAN_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Packs not referenced by any index are condemned only when at least this
+/// old: younger ones may belong to a backup still running.
+const UNINDEXED_MIN_AGE: Duration = Duration::from_secs(3600);
+
+/// A prune plan: packs condemned by phase one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrunePlan {
+    /// Plan format version.
+    pub version: u32,
+    /// When (by the pruning host's clock, for humans only).
+    pub created: chrono::DateTime<chrono::Utc>,
+    /// Host that made the plan.
+    pub host: String,
+    /// Condemned packs.
+    pub packs: Vec<Id>,
+}
+
+/// Settings for prune.
+#[derive(Debug, Clone)]
+pub struct PruneOptions {
+    /// How old a plan must be before its packs are deleted.
+    pub grace: Duration,
+    /// Repack packs whose unused fraction exceeds this (0.0..=1.0).
+    pub max_unused: f64,
+    /// Report only.
+    pub dry_run: bool,
+}
+
+impl Default for PruneOptions {
+    fn default() -> Self {
+        PruneOptions {
+            grace: Duration::from_secs(3600),
+            max_unused: 0.5,
+            dry_run: false,
+        }
+    }
+}
+
+/// What prune did (or would do).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PruneReport {
+    /// Packs condemned now (deleted by a later prune after the grace period).
+    pub packs_condemned: usize,
+    /// Bytes in those packs.
+    pub bytes_condemned: u64,
+    /// Packs whose live blobs were copied into new packs.
+    pub packs_repacked: usize,
+    /// Packs deleted now (from plans past their grace period).
+    pub packs_deleted: usize,
+    /// Bytes freed now.
+    pub bytes_deleted: u64,
+    /// Condemned packs kept because a newer snapshot needs them.
+    pub packs_spared: usize,
+    /// Plans still waiting for their grace period.
+    pub plans_waiting: usize,
+    /// Earliest time a waiting plan can be executed (RFC 3339).
+    pub next_deletion_after: Option<String>,
+    /// Total packs in the repository.
+    pub packs_total: usize,
+    /// Packs in use.
+    pub packs_used: usize,
+}
+
+/// The pending plans and the union of their packs.
+pub(crate) fn condemned_packs(repo: &Repository) -> Result<(HashSet<Id>, HashSet<Id>)> {
+    let mut plans = HashSet::new();
+    let mut packs = HashSet::new();
+    for id in repo.list_ids("pending")? {
+        let plan: PrunePlan = repo.load_json("pending", &id)?;
+        packs.extend(plan.packs);
+        plans.insert(id);
+    }
+    Ok((plans, packs))
+}
+
+/// Fails if a plan not in `seen` condemns one of `packs` (see module docs).
+pub(crate) fn check_no_new_condemnation(
+    repo: &Repository,
+    seen: &HashSet<Id>,
+    packs: &HashSet<Id>,
+) -> Result<()> {
+    for id in repo.list_ids("pending")? {
+        if seen.contains(&id) {
+            continue;
+        }
+        let plan: PrunePlan = repo.load_json("pending", &id)?;
+        if let Some(p) = plan.packs.iter().find(|p| packs.contains(p)) {
+            return Err(Error::Invalid(format!(
+                "a prune running at the same time condemned pack {} that this backup uses; the snapshot was not committed, the data uploaded so far is kept, run the backup again",
+                p.short()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Blob IDs every snapshot needs (trees and data). Fails if any tree cannot
+/// be read: pruning on an incomplete picture could delete live data.
+pub fn used_blobs(repo: &Repository, index: &crate::index::Index) -> Result<HashSet<Id>> {
+    let mut used = HashSet::new();
+    let mut stack: Vec<Id> = repo.snapshots()?.into_iter().map(|(_, s)| s.tree).collect();
+    while let Some(tree_id) = stack.pop() {
+        if !used.insert(tree_id) {
+            continue;
+        }
+        let tree = repo.load_tree(index, &tree_id).map_err(|e| {
+            Error::Invalid(format!(
+                "prune stopped: {e}; nothing was deleted (run `lifeboat check`)"
+            ))
+        })?;
+        for node in tree.nodes {
+            match node.kind {
+                NodeKind::Dir => stack.extend(node.subtree),
+                NodeKind::File => used.extend(node.content),
+                _ => {}
+            }
+        }
+    }
+    Ok(used)
+}
+
+/// The storage's idea of "now": the modification time of an object we
+/// write and delete again. Clocks of the hosts do not enter into it.
+fn storage_now(repo: &Repository) -> Result<SystemTime> {
+    let key = format!("pending/clock-{}", hex::encode(rand::random::<[u8; 8]>()));
+    repo.backend().put(&key, b"")?;
+    let t = repo.backend().stat(&key)?.modified;
+    repo.backend().delete(&key)?;
+    Ok(t)
+}
+
+/// Runs both phases of prune.
+pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
+    let mut report = PruneReport::default();
+    let backend = repo.backend();
+    let now = storage_now(repo)?;
+
+    // Load the index files individually: we rewrite them.
+    let index_ids = repo.list_ids("index")?;
+    let mut index_packs: HashMap<Id, IndexPack> = HashMap::new();
+    let mut index = crate::index::Index::new();
+    for id in &index_ids {
+        let file: IndexFile = repo.load_json("index", id)?;
+        index.add_file(&file);
+        for p in file.packs {
+            index_packs.entry(p.id).or_insert(p);
+        }
+    }
+    let stored: HashMap<Id, crate::backend::ObjectInfo> = backend
+        .list("data/")?
+        .into_iter()
+        .filter_map(|o| {
+            o.key
+                .rsplit('/')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .map(|id| (id, o))
+        })
+        .collect();
+    report.packs_total = stored.len();
+
+    let used = used_blobs(repo, &index)?;
+
+    // Phase two: execute plans past their grace period.
+    let mut plans: Vec<(Id, PrunePlan, SystemTime)> = Vec::new();
+    for info in backend.list("pending/")? {
+        let Some(id) = info
+            .key
+            .rsplit('/')
+            .next()
+            .and_then(|n| n.parse::<Id>().ok())
+        else {
+            continue;
+        };
+        let plan: PrunePlan = repo.load_json("pending", &id)?;
+        plans.push((id, plan, info.modified));
+    }
+    let mut condemned_all: HashSet<Id> = HashSet::new();
+    let mut matured: HashSet<Id> = HashSet::new();
+    for (id, plan, written) in &plans {
+        let age = now.duration_since(*written).unwrap_or_default();
+        condemned_all.extend(plan.packs.iter().copied());
+        if age >= PLAN_RETENTION && !opts.dry_run {
+            backend.delete(&format!("pending/{id}"))?;
+            continue;
+        }
+        if age >= opts.grace {
+            matured.extend(
+                plan.packs
+                    .iter()
+                    .copied()
+                    .filter(|p| stored.contains_key(p)),
+            );
+        } else {
+            report.plans_waiting += 1;
+            let due: chrono::DateTime<chrono::Utc> = (*written + opts.grace).into();
+            let due = due.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            if report.next_deletion_after.as_ref().is_none_or(|d| *d > due) {
+                report.next_deletion_after = Some(due);
+            }
+        }
+    }
+    // A matured pack is still needed if it holds a used blob with no copy
+    // in a pack that stays.
+    let survivors: HashSet<Id> = stored
+        .keys()
+        .filter(|p| !matured.contains(p))
+        .copied()
+        .collect();
+    let mut available: HashSet<Id> = HashSet::new();
+    for p in index_packs.values().filter(|p| survivors.contains(&p.id)) {
+        available.extend(p.blobs.iter().map(|b| b.id));
+    }
+    let mut to_delete = Vec::new();
+    for pack in &matured {
+        let needed = index_packs
+            .get(pack)
+            .map(|p| {
+                p.blobs
+                    .iter()
+                    .any(|b| used.contains(&b.id) && !available.contains(&b.id))
+            })
+            .unwrap_or(false);
+        if needed {
+            report.packs_spared += 1;
+        } else {
+            to_delete.push(*pack);
+        }
+    }
+    let deleting: HashSet<Id> = to_delete.iter().copied().collect();
+
+    // Phase one: condemn what no snapshot needs, among packs not already condemned.
+    let mut located: HashMap<Id, Id> = HashMap::new();
+    for p in index_packs.values() {
+        if deleting.contains(&p.id) || !stored.contains_key(&p.id) {
+            continue;
+        }
+        for b in &p.blobs {
+            located.entry(b.id).or_insert(p.id);
+        }
+    }
+    let mut newly_condemned = Vec::new();
+    let mut to_repack: Vec<&IndexPack> = Vec::new();
+    for (pack_id, info) in &stored {
+        if condemned_all.contains(pack_id) || deleting.contains(pack_id) {
+            continue;
+        }
+        match index_packs.get(pack_id) {
+            None => {
+                let age = now.duration_since(info.modified).unwrap_or_default();
+                if age >= UNINDEXED_MIN_AGE.max(opts.grace) {
+                    newly_condemned.push(*pack_id);
+                    report.bytes_condemned += info.size;
+                }
+            }
+            Some(p) => {
+                let total: u64 = p.blobs.iter().map(|b| b.length as u64).sum();
+                let live: u64 = p
+                    .blobs
+                    .iter()
+                    .filter(|b| used.contains(&b.id) && located.get(&b.id) == Some(pack_id))
+                    .map(|b| b.length as u64)
+                    .sum();
+                if live == 0 {
+                    newly_condemned.push(*pack_id);
+                    report.bytes_condemned += info.size;
+                } else {
+                    report.packs_used += 1;
+                    if total > 0 && (total - live) as f64 / total as f64 > opts.max_unused {
+                        to_repack.push(p);
+                    }
+                }
+            }
+        }
+    }
+    if opts.dry_run {
+        report.packs_condemned = newly_condemned.len() + to_repack.len();
+        report.packs_repacked = to_repack.len();
+        report.packs_deleted = to_delete.len();
+        report.bytes_deleted = to_delete
+            .iter()
+            .filter_map(|p| stored.get(p))
+            .map(|o| o.size)
+            .sum();
+        return Ok(report);
+    }
+
+    // Repack: copy live frames verbatim (no recompression) into new packs.
+    let mut new_packs: Vec<IndexPack> = Vec::new();
+    for kind in [BlobKind::Data, BlobKind::Tree] {
+        let mut builder = PackBuilder::new(kind, 0);
+        for old in to_repack.iter().filter(|p| p.kind == kind) {
+            let plain = repo.read_pack(&old.id)?;
+            let header = parse_pack(&plain)
+                .map_err(|e| Error::corrupt(format!("pack {}", old.id.short()), e))?;
+            for b in header
+                .blobs
+                .iter()
+                .filter(|b| used.contains(&b.id) && located.get(&b.id) == Some(&old.id))
+            {
+                let frame = &plain[b.offset as usize..(b.offset + b.length) as usize];
+                builder.add(b.id, b.raw_length, frame);
+                if builder.len() >= repo.config().pack_size as usize {
+                    new_packs.push(write_pack(
+                        repo,
+                        std::mem::replace(&mut builder, PackBuilder::new(kind, 0)),
+                    )?);
+                }
+            }
+            newly_condemned.push(old.id);
+            report.bytes_condemned += old.size;
+            report.packs_repacked += 1;
+        }
+        if !builder.is_empty() {
+            new_packs.push(write_pack(repo, builder)?);
+        }
+    }
+    if !new_packs.is_empty() {
+        repo.save_json(
+            "index",
+            &IndexFile {
+                version: 1,
+                packs: new_packs.clone(),
+            },
+        )?;
+    }
+    if !newly_condemned.is_empty() {
+        newly_condemned.sort();
+        let plan = PrunePlan {
+            version: 1,
+            created: chrono::Utc::now(),
+            host: crate::fsmeta::hostname(),
+            packs: newly_condemned.clone(),
+        };
+        repo.save_json("pending", &plan)?;
+        report.packs_condemned = newly_condemned.len();
+        report.plans_waiting += 1;
+        let due: chrono::DateTime<chrono::Utc> = (now + opts.grace).into();
+        let due = due.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        if report.next_deletion_after.as_ref().is_none_or(|d| *d > due) {
+            report.next_deletion_after = Some(due);
+        }
+    }
+
+    // Execute deletions: consolidated index first, then old index objects,
+    // then the packs. A crash in between leaves unindexed packs, which a
+    // later prune condemns again.
+    if !to_delete.is_empty() {
+        let keep: Vec<IndexPack> = index_packs
+            .values()
+            .filter(|p| !deleting.contains(&p.id) && stored.contains_key(&p.id))
+            .cloned()
+            .collect();
+        for chunk in keep.chunks(1000) {
+            repo.save_json(
+                "index",
+                &IndexFile {
+                    version: 1,
+                    packs: chunk.to_vec(),
+                },
+            )?;
+        }
+        for id in &index_ids {
+            backend.delete(&format!("index/{id}"))?;
+        }
+        for pack in &to_delete {
+            if let Some(info) = stored.get(pack) {
+                report.bytes_deleted += info.size;
+            }
+            backend.delete(&pack_key(pack))?;
+            report.packs_deleted += 1;
+        }
+    }
+    Ok(report)
+}
+
+fn write_pack(repo: &Repository, builder: PackBuilder) -> Result<IndexPack> {
+    let kind = builder.kind();
+    let (plain, header) = builder.finish();
+    let ct = repo.recipients().encrypt(&plain);
+    let id = Id::of_bytes(&ct);
+    repo.backend().put(&pack_key(&id), &ct)?;
+    Ok(IndexPack {
+        id,
+        kind,
+        size: ct.len() as u64,
+        blobs: header.blobs,
+    })
+}

@@ -1,0 +1,694 @@
+//! The repository: config, keys, and reading and writing encrypted objects.
+//!
+//! Layout of a repository in its backend:
+//!
+//! | key | content |
+//! | --- | --- |
+//! | `config` | plaintext JSON: format version, chunker and compression settings, age recipients, a MAC |
+//! | `keys/<random>` | JSON: the master secret sealed with one passphrase (age scrypt, armored) |
+//! | `data/<xx>/<id>` | a pack: age(blob frames + header), `id` = BLAKE3 of the stored bytes |
+//! | `index/<id>` | age(zstd(JSON index)) |
+//! | `snapshots/<id>` | age(zstd(JSON snapshot)) |
+//! | `pending/<id>` | age(zstd(JSON prune plan)): packs condemned by phase one of a prune |
+//!
+//! `init` writes the key before the config, so a repository exists (has a
+//! `config`) only once it can be opened. Every other object name is the hash
+//! of its bytes, so a retried write is a no-op and nothing is ever rewritten.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, BackendError, PutOutcome};
+use crate::crypto::{KeyFile, MasterKey, Recipients, DEFAULT_KDF_WORK_FACTOR};
+use crate::error::{Error, Result};
+use crate::id::Id;
+use crate::index::{Index, IndexFile};
+use crate::pack::{decode_blob, BlobKind};
+use crate::tree::{Snapshot, Tree};
+
+/// The repository format version this binary reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// The `format` field of every lifeboat repository config.
+const FORMAT_NAME: &str = "lifeboat-repository";
+/// Largest decompressed JSON object we accept (a hostile repository must not
+/// be able to exhaust memory with a zstd bomb).
+const MAX_JSON_OBJECT: usize = 1 << 30;
+
+/// Content-defined chunking parameters, fixed per repository (changing them
+/// would defeat dedup against existing data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkerParams {
+    /// Minimum chunk size.
+    pub min: u32,
+    /// Average (target) chunk size.
+    pub avg: u32,
+    /// Maximum chunk size.
+    pub max: u32,
+}
+
+impl Default for ChunkerParams {
+    fn default() -> Self {
+        ChunkerParams {
+            min: 512 * 1024,
+            avg: 1024 * 1024,
+            max: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// The repository config object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Always `lifeboat-repository`.
+    pub format: String,
+    /// Format version.
+    pub version: u32,
+    /// Random repository ID (names the local cache).
+    pub id: String,
+    /// When the repository was created.
+    pub created: String,
+    /// Chunker parameters.
+    pub chunker: ChunkerParams,
+    /// zstd level for new blobs (0 = store raw).
+    pub compression: i32,
+    /// Target pack size in bytes.
+    pub pack_size: u32,
+    /// age recipients every object is encrypted to.
+    pub recipients: Vec<String>,
+    /// MAC of the config with this field empty, keyed by the master key.
+    #[serde(default)]
+    pub mac: String,
+}
+
+impl Config {
+    fn mac_input(&self) -> Vec<u8> {
+        let mut c = self.clone();
+        c.mac.clear();
+        serde_json::to_vec(&c).expect("config serialises")
+    }
+}
+
+/// Settings for a new repository.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// zstd level (0 = none).
+    pub compression: i32,
+    /// Target pack size.
+    pub pack_size: u32,
+    /// Chunker parameters.
+    pub chunker: ChunkerParams,
+    /// scrypt work factor of the first key.
+    pub kdf_work_factor: u8,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            compression: 3,
+            pack_size: 16 * 1024 * 1024,
+            chunker: ChunkerParams::default(),
+            kdf_work_factor: DEFAULT_KDF_WORK_FACTOR,
+        }
+    }
+}
+
+/// One key of a repository, as `key list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyInfo {
+    /// The key's name (its object name under `keys/`).
+    pub id: String,
+    /// True for the key this process opened the repository with.
+    pub current: bool,
+    /// Metadata stored with the key.
+    #[serde(flatten)]
+    pub file: KeyFileMeta,
+}
+
+/// The plaintext metadata of a key file.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyFileMeta {
+    /// When it was added.
+    pub created: String,
+    /// Host that added it.
+    pub host: String,
+    /// User that added it.
+    pub user: String,
+}
+
+/// An open repository: the backend, its config and the master key.
+#[derive(Debug)]
+pub struct Repository {
+    backend: Arc<dyn Backend>,
+    config: Config,
+    key: MasterKey,
+    key_name: String,
+    recipients: Recipients,
+    pack_cache: Mutex<PackCache>,
+}
+
+/// Key of a pack object.
+pub fn pack_key(id: &Id) -> String {
+    let hex = id.to_hex();
+    format!("data/{}/{}", &hex[..2], hex)
+}
+
+/// Reads the config object, checking the format version before anything else
+/// so that a repository from a newer lifeboat is refused with a clear message.
+fn read_config(backend: &dyn Backend) -> Result<Config> {
+    let bytes = match backend.get("config", None) {
+        Ok(b) => b,
+        Err(BackendError::NotFound { .. }) => {
+            return Err(Error::NoRepository {
+                location: backend.location(),
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let value: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::corrupt("repository config", format!("not JSON: {e}")))?;
+    if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
+        return Err(Error::corrupt(
+            "repository config",
+            "this is not a lifeboat repository",
+        ));
+    }
+    let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+    if version > FORMAT_VERSION {
+        return Err(Error::UnsupportedVersion {
+            found: version,
+            supported: FORMAT_VERSION,
+            hint: "upgrade lifeboat to a release that supports it",
+        });
+    }
+    if version < FORMAT_VERSION {
+        return Err(Error::UnsupportedVersion {
+            found: version,
+            supported: FORMAT_VERSION,
+            hint: "it was written by an unsupported pre-release; restore with the lifeboat that wrote it",
+        });
+    }
+    serde_json::from_value(value).map_err(|e| Error::corrupt("repository config", e.to_string()))
+}
+
+impl Repository {
+    /// Creates a new repository in an empty backend.
+    pub fn init(
+        backend: Arc<dyn Backend>,
+        passphrase: &str,
+        opts: &InitOptions,
+    ) -> Result<Repository> {
+        match backend.stat("config") {
+            Ok(_) => {
+                return Err(Error::AlreadyInitialised {
+                    location: backend.location(),
+                })
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+        if passphrase.is_empty() {
+            return Err(Error::Invalid("the passphrase must not be empty".into()));
+        }
+        if !(-7..=22).contains(&opts.compression) {
+            return Err(Error::Invalid(format!(
+                "compression level {} is out of range (0 = none, 1..=22 zstd levels)",
+                opts.compression
+            )));
+        }
+        let c = opts.chunker;
+        if !(64 * 1024 <= c.min && c.min <= c.avg && c.avg <= c.max && c.max <= 64 * 1024 * 1024) {
+            return Err(Error::Invalid(
+                "chunker sizes must satisfy 64 KiB <= min <= avg <= max <= 64 MiB".into(),
+            ));
+        }
+        let key = MasterKey::generate();
+        let mut config = Config {
+            format: FORMAT_NAME.to_string(),
+            version: FORMAT_VERSION,
+            id: hex::encode(rand::random::<[u8; 16]>()),
+            created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            chunker: opts.chunker,
+            compression: opts.compression,
+            pack_size: opts.pack_size.clamp(1024 * 1024, 512 * 1024 * 1024),
+            recipients: vec![key.recipient()],
+            mac: String::new(),
+        };
+        config.mac = key.mac(&config.mac_input());
+        let key_name = write_key(backend.as_ref(), &key, passphrase, opts.kdf_work_factor)?;
+        let bytes = serde_json::to_vec_pretty(&config).expect("config serialises");
+        if backend.put("config", &bytes)? == PutOutcome::AlreadyExists {
+            return Err(Error::AlreadyInitialised {
+                location: backend.location(),
+            });
+        }
+        let recipients = Recipients::parse(&config.recipients)?;
+        Ok(Repository {
+            backend,
+            config,
+            key,
+            key_name,
+            recipients,
+            pack_cache: Mutex::new(PackCache::new(256 << 20)),
+        })
+    }
+
+    /// Opens an existing repository with a passphrase.
+    pub fn open(backend: Arc<dyn Backend>, passphrase: &str) -> Result<Repository> {
+        let config = read_config(backend.as_ref())?;
+        let mut keys = backend.list("keys/")?;
+        keys.sort_by(|a, b| a.key.cmp(&b.key));
+        for info in keys {
+            let name = info.key.trim_start_matches("keys/").to_string();
+            let file = load_key_file(backend.as_ref(), &info.key)?;
+            if let Some(key) = MasterKey::unseal(&file, passphrase, &name)? {
+                if key.mac(&config.mac_input()) != config.mac {
+                    return Err(Error::corrupt(
+                        "repository config",
+                        "its MAC does not match: it was altered outside lifeboat",
+                    ));
+                }
+                let recipients = Recipients::parse(&config.recipients)?;
+                return Ok(Repository {
+                    backend,
+                    config,
+                    key,
+                    key_name: name,
+                    recipients,
+                    pack_cache: Mutex::new(PackCache::new(256 << 20)),
+                });
+            }
+        }
+        Err(Error::WrongPassphrase)
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// The config.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The master key.
+    pub fn key(&self) -> &MasterKey {
+        &self.key
+    }
+
+    /// The recipients new objects are encrypted to.
+    pub fn recipients(&self) -> &Recipients {
+        &self.recipients
+    }
+
+    /// Lists the repository's keys.
+    pub fn list_keys(&self) -> Result<Vec<KeyInfo>> {
+        let mut out = Vec::new();
+        for info in self.backend.list("keys/")? {
+            let file = load_key_file(self.backend.as_ref(), &info.key)?;
+            let id = info.key.trim_start_matches("keys/").to_string();
+            out.push(KeyInfo {
+                current: id == self.key_name,
+                id,
+                file: KeyFileMeta {
+                    created: file.created,
+                    host: file.host,
+                    user: file.user,
+                },
+            });
+        }
+        out.sort_by(|a, b| a.file.created.cmp(&b.file.created).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// Adds a key for another passphrase; returns its ID.
+    pub fn add_key(&self, passphrase: &str, work_factor: u8) -> Result<String> {
+        if passphrase.is_empty() {
+            return Err(Error::Invalid(
+                "the new passphrase must not be empty".into(),
+            ));
+        }
+        write_key(self.backend.as_ref(), &self.key, passphrase, work_factor)
+    }
+
+    /// Removes a key. Refuses to remove the key in use (so nobody locks
+    /// themselves out by accident) and the last key.
+    pub fn remove_key(&self, id: &str) -> Result<()> {
+        let keys = self.list_keys()?;
+        let matching: Vec<&KeyInfo> = keys.iter().filter(|k| k.id.starts_with(id)).collect();
+        let key = match matching.as_slice() {
+            [] => {
+                return Err(Error::Invalid(format!(
+                    "no key {id:?} (see `lifeboat key list`)"
+                )))
+            }
+            [k] => *k,
+            _ => return Err(Error::Invalid(format!("key prefix {id:?} is ambiguous"))),
+        };
+        if key.current {
+            return Err(Error::Invalid(format!(
+                "key {} is the one you opened the repository with; open it with another passphrase to remove this one, or use `lifeboat key passwd`",
+                key.id
+            )));
+        }
+        if keys.len() == 1 {
+            return Err(Error::Invalid(
+                "refusing to remove the last key: the repository would become unreadable".into(),
+            ));
+        }
+        self.backend.delete(&format!("keys/{}", key.id))?;
+        Ok(())
+    }
+
+    /// Replaces the current key's passphrase: adds a key with the new one,
+    /// then removes the current key. Returns the new key's ID.
+    pub fn change_passphrase(&self, new_passphrase: &str, work_factor: u8) -> Result<String> {
+        let id = self.add_key(new_passphrase, work_factor)?;
+        self.backend.delete(&format!("keys/{}", self.key_name))?;
+        Ok(id)
+    }
+
+    /// Encrypts and stores a JSON object under `prefix/`; returns its ID.
+    pub fn save_json<T: Serialize>(&self, prefix: &str, value: &T) -> Result<Id> {
+        let json = serde_json::to_vec(value).expect("objects serialise");
+        let compressed =
+            zstd::bulk::compress(&json, 3).map_err(|e| Error::Invalid(format!("zstd: {e}")))?;
+        let ciphertext = self.recipients.encrypt(&compressed);
+        let id = Id::of_bytes(&ciphertext);
+        self.backend.put(&format!("{prefix}/{id}"), &ciphertext)?;
+        Ok(id)
+    }
+
+    /// Loads and decrypts a JSON object, checking that its bytes match its name.
+    pub fn load_json<T: DeserializeOwned>(&self, prefix: &str, id: &Id) -> Result<T> {
+        let key = format!("{prefix}/{id}");
+        let what = || format!("{prefix} object {}", id.short());
+        let ciphertext = match self.backend.get(&key, None) {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Err(Error::Missing { object: what() }),
+            Err(e) => return Err(e.into()),
+        };
+        if Id::of_bytes(&ciphertext) != *id {
+            return Err(Error::corrupt(what(), "content does not match its name"));
+        }
+        let compressed = self.key.decrypt(&ciphertext, &what)?;
+        let mut json = Vec::new();
+        let mut decoder = zstd::stream::read::Decoder::new(compressed.as_slice())
+            .map_err(|e| Error::corrupt(what(), e.to_string()))?;
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(&mut decoder, MAX_JSON_OBJECT as u64 + 1),
+            &mut json,
+        )
+        .map_err(|e| Error::corrupt(what(), format!("zstd: {e}")))?;
+        if json.len() > MAX_JSON_OBJECT {
+            return Err(Error::corrupt(what(), "decompresses to more than 1 GiB"));
+        }
+        serde_json::from_slice(&json)
+            .map_err(|e| Error::corrupt(what(), format!("invalid JSON: {e}")))
+    }
+
+    /// IDs of every object under `prefix/`, skipping names that are not IDs.
+    pub fn list_ids(&self, prefix: &str) -> Result<Vec<Id>> {
+        Ok(self
+            .backend
+            .list(&format!("{prefix}/"))?
+            .into_iter()
+            .filter_map(|o| o.key.rsplit('/').next().and_then(|n| n.parse().ok()))
+            .collect())
+    }
+
+    /// Loads every index object into one in-memory index.
+    pub fn load_index(&self) -> Result<Index> {
+        let ids = self.list_ids("index")?;
+        let files = crate::parallel::map(ids, |id| self.load_json::<IndexFile>("index", &id));
+        let mut index = Index::new();
+        for file in files {
+            index.add_file(&file?);
+        }
+        Ok(index)
+    }
+
+    /// Loads every snapshot, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
+        let ids = self.list_ids("snapshots")?;
+        let loaded = crate::parallel::map(ids.clone(), |id| {
+            self.load_json::<Snapshot>("snapshots", &id)
+        });
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, snap) in ids.into_iter().zip(loaded) {
+            out.push((id, snap?));
+        }
+        out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
+        Ok(out)
+    }
+
+    /// Resolves `latest` or a unique ID prefix to a snapshot.
+    pub fn find_snapshot(&self, spec: &str) -> Result<(Id, Snapshot)> {
+        let snaps = self.snapshots()?;
+        if spec == "latest" {
+            return snaps
+                .into_iter()
+                .next_back()
+                .ok_or_else(|| Error::SnapshotNotFound(spec.to_string()));
+        }
+        let spec_lc = spec.to_ascii_lowercase();
+        let mut matching = snaps
+            .into_iter()
+            .filter(|(id, _)| id.to_hex().starts_with(&spec_lc));
+        match (matching.next(), matching.next()) {
+            (Some(found), None) if !spec.is_empty() => Ok(found),
+            (Some(_), Some(_)) => Err(Error::AmbiguousSnapshot(spec.to_string())),
+            _ => Err(Error::SnapshotNotFound(spec.to_string())),
+        }
+    }
+
+    /// Reads, verifies and decrypts a whole pack.
+    pub fn read_pack(&self, id: &Id) -> Result<Vec<u8>> {
+        let what = || format!("pack {}", id.short());
+        let bytes = match self.backend.get(&pack_key(id), None) {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Err(Error::Missing { object: what() }),
+            Err(e) => return Err(e.into()),
+        };
+        if Id::of_bytes(&bytes) != *id {
+            return Err(Error::corrupt(
+                what(),
+                "content does not match its name (checksum mismatch)",
+            ));
+        }
+        self.key.decrypt(&bytes, &what)
+    }
+
+    /// Reads one blob, verifying it against its ID. Packs are cached, so
+    /// walking many trees of one pack decrypts the pack once.
+    pub fn read_blob(&self, index: &Index, id: &Id) -> Result<Vec<u8>> {
+        let (pack, loc) = index.get(id).ok_or_else(|| Error::Missing {
+            object: format!("blob {}", id.short()),
+        })?;
+        let cached = self
+            .pack_cache
+            .lock()
+            .expect("pack cache poisoned")
+            .get(&pack.id);
+        let plain = match cached {
+            Some(p) => p,
+            None => {
+                let p = Arc::new(self.read_pack(&pack.id)?);
+                self.pack_cache
+                    .lock()
+                    .expect("pack cache poisoned")
+                    .insert(pack.id, p.clone());
+                p
+            }
+        };
+        let start = loc.offset as usize;
+        let end = start + loc.length as usize;
+        let what = || format!("blob {} in pack {}", id.short(), pack.id.short());
+        let frame = plain
+            .get(start..end)
+            .ok_or_else(|| Error::corrupt(what(), "index points past the end of the pack"))?;
+        let data = decode_blob(frame, loc.raw_length).map_err(|e| Error::corrupt(what(), e))?;
+        if self.key.blob_id(&data) != *id {
+            return Err(Error::corrupt(what(), "content does not match its ID"));
+        }
+        Ok(data)
+    }
+
+    /// Loads and validates a tree.
+    pub fn load_tree(&self, index: &Index, id: &Id) -> Result<Tree> {
+        if let Some((pack, _)) = index.get(id) {
+            if pack.kind != BlobKind::Tree {
+                return Err(Error::corrupt(
+                    format!("tree {}", id.short()),
+                    "stored as a data blob",
+                ));
+            }
+        }
+        let bytes = self.read_blob(index, id)?;
+        Tree::from_bytes(&bytes).map_err(|e| Error::corrupt(format!("tree {}", id.short()), e))
+    }
+}
+
+fn load_key_file(backend: &dyn Backend, key: &str) -> Result<KeyFile> {
+    let bytes = backend.get(key, None)?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::corrupt(key.to_string(), format!("invalid key file: {e}")))
+}
+
+fn write_key(
+    backend: &dyn Backend,
+    key: &MasterKey,
+    passphrase: &str,
+    work_factor: u8,
+) -> Result<String> {
+    let file = key.seal(passphrase, work_factor);
+    let name = hex::encode(rand::random::<[u8; 16]>());
+    backend.put(
+        &format!("keys/{name}"),
+        &serde_json::to_vec_pretty(&file).expect("key file serialises"),
+    )?;
+    Ok(name)
+}
+
+/// A small size-bounded cache of decrypted packs, evicting oldest first.
+#[derive(Debug)]
+struct PackCache {
+    limit: usize,
+    size: usize,
+    map: HashMap<Id, Arc<Vec<u8>>>,
+    order: VecDeque<Id>,
+}
+
+impl PackCache {
+    fn new(limit: usize) -> PackCache {
+        PackCache {
+            limit,
+            size: 0,
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn get(&mut self, id: &Id) -> Option<Arc<Vec<u8>>> {
+        self.map.get(id).cloned()
+    }
+
+    fn insert(&mut self, id: Id, data: Arc<Vec<u8>>) {
+        if self.map.contains_key(&id) {
+            return;
+        }
+        self.size += data.len();
+        self.map.insert(id, data);
+        self.order.push_back(id);
+        while self.size > self.limit && self.order.len() > 1 {
+            if let Some(old) = self.order.pop_front() {
+                if let Some(d) = self.map.remove(&old) {
+                    self.size -= d.len();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemoryBackend;
+
+    fn fast() -> InitOptions {
+        InitOptions {
+            kdf_work_factor: 10,
+            ..InitOptions::default()
+        }
+    }
+
+    #[test]
+    fn init_then_open_with_the_passphrase() {
+        let b: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+        let repo = Repository::init(b.clone(), "pw", &fast()).unwrap();
+        let again = Repository::open(b.clone(), "pw").unwrap();
+        assert_eq!(repo.config(), again.config());
+        assert!(matches!(
+            Repository::open(b.clone(), "nope"),
+            Err(Error::WrongPassphrase)
+        ));
+        assert!(matches!(
+            Repository::init(b, "pw", &fast()),
+            Err(Error::AlreadyInitialised { .. })
+        ));
+    }
+
+    #[test]
+    fn opening_an_empty_location_says_there_is_no_repository() {
+        let b: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+        assert!(matches!(
+            Repository::open(b, "pw"),
+            Err(Error::NoRepository { .. })
+        ));
+    }
+
+    #[test]
+    fn a_newer_format_version_is_refused_clearly() {
+        let mem = Arc::new(MemoryBackend::new());
+        let b: Arc<dyn Backend> = mem.clone();
+        Repository::init(b.clone(), "pw", &fast()).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&b.get("config", None).unwrap()).unwrap();
+        v["version"] = 2.into();
+        mem.corrupt("config", serde_json::to_vec(&v).unwrap());
+        let err = Repository::open(b, "pw").unwrap_err();
+        assert!(
+            matches!(err, Error::UnsupportedVersion { found: 2, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("upgrade lifeboat"));
+    }
+
+    #[test]
+    fn a_tampered_config_is_detected() {
+        let mem = Arc::new(MemoryBackend::new());
+        let b: Arc<dyn Backend> = mem.clone();
+        Repository::init(b.clone(), "pw", &fast()).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&b.get("config", None).unwrap()).unwrap();
+        v["recipients"] = serde_json::json!([crate::crypto::MasterKey::generate().recipient()]);
+        mem.corrupt("config", serde_json::to_vec(&v).unwrap());
+        assert!(matches!(
+            Repository::open(b, "pw"),
+            Err(Error::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn keys_can_be_added_removed_and_changed() {
+        let b: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+        let repo = Repository::init(b.clone(), "one", &fast()).unwrap();
+        let second = repo.add_key("two", 10).unwrap();
+        assert_eq!(repo.list_keys().unwrap().len(), 2);
+        let via_two = Repository::open(b.clone(), "two").unwrap();
+        assert!(
+            via_two.remove_key(&second).is_err(),
+            "cannot remove the key in use"
+        );
+        repo.remove_key(&second).unwrap();
+        assert!(matches!(
+            Repository::open(b.clone(), "two"),
+            Err(Error::WrongPassphrase)
+        ));
+        let only = repo.list_keys().unwrap();
+        assert!(
+            repo.remove_key(&only[0].id).is_err(),
+            "cannot remove the last key"
+        );
+        repo.change_passphrase("three", 10).unwrap();
+        assert!(matches!(
+            Repository::open(b.clone(), "one"),
+            Err(Error::WrongPassphrase)
+        ));
+        Repository::open(b, "three").unwrap();
+    }
+}
