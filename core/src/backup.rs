@@ -26,6 +26,7 @@ use std::sync::Mutex;
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::cache::{CacheEntry, FileCache};
+use crate::chunker::Chunker;
 use crate::error::{Error, Result};
 use crate::fsmeta;
 use crate::id::Id;
@@ -436,27 +437,15 @@ impl<'a, 'r> Walker<'a, 'r> {
     }
 
     fn store_chunks(&mut self, reader: impl Read) -> std::io::Result<Result<(Vec<Id>, u64)>> {
-        let p = self.repo.config().chunker;
-        let chunker = fastcdc::v2020::StreamCDC::with_level_and_seed(
-            reader,
-            p.min as usize,
-            p.avg as usize,
-            p.max as usize,
-            fastcdc::v2020::Normalization::Level1,
-            self.seed,
-        );
+        let chunker = Chunker::new(reader, self.repo.config().chunker, self.seed);
         let mut ids = Vec::new();
         let mut total = 0u64;
         for chunk in chunker {
-            let chunk = chunk.map_err(|e| match e {
-                fastcdc::v2020::Error::IoError(io) => io,
-                other => std::io::Error::other(other.to_string()),
-            })?;
-            total += chunk.length as u64;
-            self.progress
-                .bytes_read
-                .fetch_add(chunk.length as u64, Ordering::Relaxed);
-            match self.store_blob(BlobKind::Data, chunk.data) {
+            let chunk = chunk?;
+            let len = chunk.len() as u64;
+            total += len;
+            self.progress.bytes_read.fetch_add(len, Ordering::Relaxed);
+            match self.store_blob(BlobKind::Data, chunk) {
                 Ok(id) => ids.push(id),
                 Err(e) => return Ok(Err(e)),
             }

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod backup;
 mod cache;
 pub mod check;
+mod chunker;
 mod crypto;
 mod error;
 mod fsmeta;
@@ -31,3 +32,6 @@ pub use id::Id;
 pub use index::Index;
 pub use repo::{ChunkerParams, Config, InitOptions, KeyInfo, Repository, FORMAT_VERSION};
 pub use tree::{Bytes, Node, NodeKind, Snapshot, Summary, Tree};
+
+#[cfg(test)]
+mod engine_tests;

@@ -1,0 +1,668 @@
+//! Tests of the engines working together on real directories and a local
+//! repository: round trips, incremental backups, crash safety, prune's
+//! protocol, and hostile repositories. (The end-to-end tests in `tests/`
+//! drive the binary; these reach inside to simulate crashes and forge
+//! hostile objects.)
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::backend::{Backend, BackendError, LocalBackend, ObjectInfo, PutOutcome};
+use crate::backup::{backup, BackupOptions, Progress};
+use crate::check::{check, CheckOptions};
+use crate::index::{IndexFile, IndexPack};
+use crate::pack::{BlobEncoder, BlobKind, PackBuilder};
+use crate::prune::{prune, PruneOptions};
+use crate::repo::{pack_key, InitOptions, Repository};
+use crate::restore::{restore, RestoreOptions};
+use crate::tree::Snapshot;
+use crate::Id;
+
+fn opts() -> InitOptions {
+    InitOptions {
+        kdf_work_factor: 10,
+        pack_size: 1024 * 1024,
+        ..InitOptions::default()
+    }
+}
+
+fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A small tree: text files, a multi-chunk random file, a subdirectory, a symlink.
+fn make_tree(root: &Path, seed: u64) {
+    std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
+    std::fs::write(root.join("a.txt"), format!("hello {seed}\n").repeat(1000)).unwrap();
+    std::fs::write(root.join("sub/big.bin"), random(6 * 1024 * 1024, seed)).unwrap();
+    std::fs::write(root.join("sub/deeper/empty"), b"").unwrap();
+    std::os::unix::fs::symlink("../a.txt", root.join("sub/link")).unwrap();
+}
+
+fn backup_dir(
+    repo: &Repository,
+    dir: &Path,
+    cache: Option<&Path>,
+) -> crate::Result<crate::backup::BackupReport> {
+    let o = BackupOptions {
+        paths: vec![dir.to_path_buf()],
+        cache_dir: cache.map(Path::to_path_buf),
+        ..BackupOptions::default()
+    };
+    backup(repo, &o, &Progress::default())
+}
+
+fn same_files(a: &Path, b: &Path) {
+    let mut stack = vec![std::path::PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let (pa, pb) = (a.join(&rel), b.join(&rel));
+        let (ma, mb) = (
+            std::fs::symlink_metadata(&pa).unwrap(),
+            std::fs::symlink_metadata(&pb).unwrap(),
+        );
+        assert_eq!(ma.file_type(), mb.file_type(), "{}", rel.display());
+        if ma.is_dir() {
+            let mut na: Vec<_> = std::fs::read_dir(&pa)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            let mut nb: Vec<_> = std::fs::read_dir(&pb)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            na.sort();
+            nb.sort();
+            assert_eq!(na, nb, "entries of {}", rel.display());
+            stack.extend(na.into_iter().map(|n| rel.join(n)));
+        } else if ma.is_file() {
+            assert_eq!(
+                std::fs::read(&pa).unwrap(),
+                std::fs::read(&pb).unwrap(),
+                "{}",
+                rel.display()
+            );
+        } else if ma.file_type().is_symlink() {
+            assert_eq!(
+                std::fs::read_link(&pa).unwrap(),
+                std::fs::read_link(&pb).unwrap()
+            );
+        }
+    }
+}
+
+fn restored_root(target: &Path, src: &Path) -> std::path::PathBuf {
+    target.join(src.strip_prefix("/").unwrap())
+}
+
+#[test]
+fn backup_then_restore_round_trips_a_tree_and_check_is_clean() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src, 1);
+    let repo = Repository::init(
+        Arc::new(LocalBackend::new(tmp.path().join("repo"))),
+        "pw",
+        &opts(),
+    )
+    .unwrap();
+    let report = backup_dir(&repo, &src, None).unwrap();
+    assert!(!report.snapshot.incomplete);
+    let out = tmp.path().join("out");
+    let r = restore(
+        &repo,
+        &report.snapshot.tree,
+        &RestoreOptions {
+            target: out.clone(),
+            verify: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(r.failures.is_empty() && r.conflicts.is_empty(), "{r:?}");
+    same_files(&src, &restored_root(&out, &src));
+    let c = check(
+        &repo,
+        &CheckOptions {
+            read_data: true,
+            subset_percent: None,
+        },
+    )
+    .unwrap();
+    assert!(c.errors.is_empty(), "{:?}", c.errors);
+    assert!(c.blobs_verified > 5);
+}
+
+#[test]
+fn unchanged_rebackup_with_the_cache_reads_and_adds_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src, 2);
+    // Files written this second are deliberately not cached (racy mtime); age them.
+    for f in ["a.txt", "sub/big.bin", "sub/deeper/empty"] {
+        crate::fsmeta::set_mtime(&src.join(f), 1_600_000_000, 5).unwrap();
+    }
+    // ... and let their ctime (which set_mtime just bumped) leave the racy window.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let repo = Repository::init(
+        Arc::new(LocalBackend::new(tmp.path().join("repo"))),
+        "pw",
+        &opts(),
+    )
+    .unwrap();
+    // The cache lives outside the backed-up tree's parent, whose mtime is in the snapshot.
+    let cache_tmp = tempfile::tempdir().unwrap();
+    let cache = cache_tmp.path().join("cache");
+    backup_dir(&repo, &src, Some(&cache)).unwrap();
+    let second = backup_dir(&repo, &src, Some(&cache)).unwrap();
+    let s = &second.snapshot.summary;
+    assert_eq!(s.bytes_read, 0, "{s:?}");
+    assert_eq!(s.files_unmodified, 3);
+    assert_eq!(s.blobs_added, 0, "unchanged trees dedup too");
+    // Deleting the cache costs only reading.
+    std::fs::remove_dir_all(&cache).unwrap();
+    let third = backup_dir(&repo, &src, Some(&cache)).unwrap();
+    assert!(third.snapshot.summary.bytes_read > 6_000_000);
+    assert_eq!(third.snapshot.summary.blobs_added, 0);
+    assert_eq!(third.snapshot.tree, second.snapshot.tree);
+}
+
+/// A backend that fails every put after a number of them, like a process
+/// killed mid-backup (nothing after the failure reaches storage).
+#[derive(Debug)]
+struct DiesAfter {
+    inner: LocalBackend,
+    puts_left: AtomicUsize,
+}
+
+impl Backend for DiesAfter {
+    fn put(&self, key: &str, data: &[u8]) -> Result<PutOutcome, BackendError> {
+        if self
+            .puts_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_err()
+        {
+            return Err(BackendError::Permanent {
+                key: key.into(),
+                message: "simulated crash".into(),
+            });
+        }
+        self.inner.put(key, data)
+    }
+    fn get(&self, key: &str, range: Option<std::ops::Range<u64>>) -> Result<Vec<u8>, BackendError> {
+        self.inner.get(key, range)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
+        self.inner.list(prefix)
+    }
+    fn delete(&self, key: &str) -> Result<(), BackendError> {
+        self.inner.delete(key)
+    }
+    fn stat(&self, key: &str) -> Result<ObjectInfo, BackendError> {
+        self.inner.stat(key)
+    }
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+}
+
+#[test]
+fn an_interrupted_backup_leaves_no_snapshot_and_its_uploads_are_reused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("big"), random(12 * 1024 * 1024, 9)).unwrap();
+    let local = LocalBackend::new(tmp.path().join("repo"));
+    Repository::init(Arc::new(local.clone()), "pw", &opts()).unwrap();
+    let dying = Arc::new(DiesAfter {
+        inner: local.clone(),
+        puts_left: AtomicUsize::new(6),
+    });
+    let repo = Repository::open(dying, "pw").unwrap();
+    assert!(
+        backup_dir(&repo, &src, None).is_err(),
+        "the simulated crash stops the backup"
+    );
+    let repo = Repository::open(Arc::new(local), "pw").unwrap();
+    assert!(
+        repo.snapshots().unwrap().is_empty(),
+        "no snapshot without its last object"
+    );
+    let c = check(
+        &repo,
+        &CheckOptions {
+            read_data: true,
+            subset_percent: None,
+        },
+    )
+    .unwrap();
+    assert!(
+        c.errors.is_empty(),
+        "the repository stays valid: {:?}",
+        c.errors
+    );
+    assert!(
+        repo.load_index().unwrap().len() >= 4,
+        "uploads before the crash were indexed"
+    );
+    let next = backup_dir(&repo, &src, None).unwrap();
+    let s = &next.snapshot.summary;
+    assert!(
+        s.bytes_added_raw < 12 * 1024 * 1024 * 3 / 4,
+        "reused earlier uploads: {s:?}"
+    );
+}
+
+#[test]
+fn forget_then_prune_frees_space_and_keeps_what_remaining_snapshots_need() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    make_tree(&a, 3);
+    make_tree(&b, 4);
+    let repo = Repository::init(
+        Arc::new(LocalBackend::new(tmp.path().join("repo"))),
+        "pw",
+        &opts(),
+    )
+    .unwrap();
+    let ra = backup_dir(&repo, &a, None).unwrap();
+    let rb = backup_dir(&repo, &b, None).unwrap();
+    let packs_before = repo.backend().list("data/").unwrap().len();
+    repo.backend()
+        .delete(&format!("snapshots/{}", ra.snapshot_id))
+        .unwrap();
+
+    // With a grace period, the first prune only condemns.
+    let waiting = prune(
+        &repo,
+        &PruneOptions {
+            grace: std::time::Duration::from_secs(3600),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        waiting.packs_condemned > 0 && waiting.packs_deleted == 0,
+        "{waiting:?}"
+    );
+    assert_eq!(repo.backend().list("data/").unwrap().len(), packs_before);
+
+    // A backup during the grace period does not lean on condemned packs.
+    let again = backup_dir(&repo, &a, None).unwrap();
+    assert!(
+        again.snapshot.summary.bytes_added_raw > 6_000_000,
+        "re-uploads instead of reusing condemned data"
+    );
+
+    // Past the grace period the plan executes, sparing nothing the new snapshot needs
+    // (its data lives in new packs).
+    let done = prune(
+        &repo,
+        &PruneOptions {
+            grace: std::time::Duration::ZERO,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(done.packs_deleted > 0, "{done:?}");
+    let c = check(
+        &repo,
+        &CheckOptions {
+            read_data: true,
+            subset_percent: None,
+        },
+    )
+    .unwrap();
+    assert!(c.errors.is_empty(), "{:?}", c.errors);
+    for (snap, src) in [(&rb.snapshot, &b), (&again.snapshot, &a)] {
+        let out = tempfile::tempdir().unwrap();
+        let r = restore(
+            &repo,
+            &snap.tree,
+            &RestoreOptions {
+                target: out.path().to_path_buf(),
+                verify: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(r.failures.is_empty(), "{r:?}");
+        same_files(src, &restored_root(out.path(), src));
+    }
+}
+
+#[test]
+fn a_backup_refuses_to_commit_when_a_newer_plan_condemns_a_pack_it_used() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repository::init(
+        Arc::new(LocalBackend::new(tmp.path().join("repo"))),
+        "pw",
+        &opts(),
+    )
+    .unwrap();
+    let pack = Id::of_bytes(b"some pack");
+    let seen = std::collections::HashSet::new();
+    let used: std::collections::HashSet<Id> = [pack].into_iter().collect();
+    crate::prune::check_no_new_condemnation(&repo, &seen, &used).unwrap();
+    let plan = crate::prune::PrunePlan {
+        version: 1,
+        created: chrono::Utc::now(),
+        host: "h".into(),
+        packs: vec![pack],
+    };
+    repo.save_json("pending", &plan).unwrap();
+    let err = crate::prune::check_no_new_condemnation(&repo, &seen, &used).unwrap_err();
+    assert!(err.to_string().contains("run the backup again"), "{err}");
+}
+
+#[test]
+fn a_corrupted_pack_is_found_by_check_and_only_its_files_fail_to_restore() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src, 5);
+    let repo = Repository::init(
+        Arc::new(LocalBackend::new(tmp.path().join("repo"))),
+        "pw",
+        &opts(),
+    )
+    .unwrap();
+    let report = backup_dir(&repo, &src, None).unwrap();
+    let index = repo.load_index().unwrap();
+    // Damage the pack holding a.txt's only blob.
+    let mut a_txt = None;
+    crate::walk::walk(&repo, &index, &report.snapshot.tree, &mut |p, n| {
+        if p.ends_with(b"/a.txt") {
+            a_txt = Some(n.content[0]);
+        }
+        Ok(())
+    })
+    .unwrap();
+    let (pack, _) = index.get(&a_txt.unwrap()).unwrap();
+    let path = tmp.path().join("repo").join(pack_key(&pack.id));
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0x40;
+    std::fs::write(&path, bytes).unwrap();
+
+    let c = check(
+        &repo,
+        &CheckOptions {
+            read_data: true,
+            subset_percent: None,
+        },
+    )
+    .unwrap();
+    assert!(!c.errors.is_empty());
+    assert!(
+        c.affected.iter().any(|a| a.path.ends_with("/a.txt")),
+        "{:?}",
+        c.affected
+    );
+    let out = tmp.path().join("out");
+    let r = restore(
+        &repo,
+        &report.snapshot.tree,
+        &RestoreOptions {
+            target: out.clone(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        r.failures.iter().any(|f| f.path.ends_with("/a.txt")),
+        "{r:?}"
+    );
+    let root = restored_root(&out, &src);
+    assert!(
+        !root.join("a.txt").exists(),
+        "a damaged file is not left half-written"
+    );
+    for other in ["sub/deeper/empty", "sub/link"] {
+        assert!(
+            std::fs::symlink_metadata(root.join(other)).is_ok(),
+            "{other} still restores"
+        );
+    }
+}
+
+#[test]
+fn an_interrupted_restore_is_finished_by_a_second_run_and_differing_files_are_left_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src, 6);
+    let repo = Repository::init(
+        Arc::new(LocalBackend::new(tmp.path().join("repo"))),
+        "pw",
+        &opts(),
+    )
+    .unwrap();
+    let report = backup_dir(&repo, &src, None).unwrap();
+    let out = tmp.path().join("out");
+    let o = RestoreOptions {
+        target: out.clone(),
+        ..Default::default()
+    };
+    restore(&repo, &report.snapshot.tree, &o).unwrap();
+    let root = restored_root(&out, &src);
+    std::fs::remove_file(root.join("sub/big.bin")).unwrap();
+    std::fs::write(root.join("a.txt"), b"local edit").unwrap();
+    let second = restore(&repo, &report.snapshot.tree, &o).unwrap();
+    assert_eq!(
+        second.files_restored, 1,
+        "only the missing file is rewritten: {second:?}"
+    );
+    assert_eq!(second.files_unchanged, 1);
+    assert_eq!(second.conflicts.len(), 1);
+    assert_eq!(
+        std::fs::read(root.join("a.txt")).unwrap(),
+        b"local edit",
+        "never overwritten without --overwrite"
+    );
+    let third = restore(
+        &repo,
+        &report.snapshot.tree,
+        &RestoreOptions {
+            overwrite: true,
+            ..o
+        },
+    )
+    .unwrap();
+    assert!(third.conflicts.is_empty());
+    same_files(&src, &root);
+}
+
+/// Stores a snapshot whose trees are the given raw JSON documents, bypassing
+/// every check a honest backup makes: `trees[0]` is the root, and a tree
+/// may name another by `{"$tree": n}` in place of a subtree ID.
+fn forge_snapshot(repo: &Repository, trees: &[serde_json::Value]) -> Id {
+    let mut ids = vec![Id::default(); trees.len()];
+    let mut pb = PackBuilder::new(BlobKind::Tree, 0);
+    let mut enc = BlobEncoder::new(3);
+    for (i, t) in trees.iter().enumerate().rev() {
+        let mut text = t.to_string();
+        for (j, id) in ids.iter().enumerate() {
+            text = text.replace(&format!("{{\"$tree\":{j}}}"), &format!("\"{id}\""));
+        }
+        let id = repo.key().blob_id(text.as_bytes());
+        let mut frame = Vec::new();
+        enc.encode_into(text.as_bytes(), &mut frame);
+        pb.add(id, text.len() as u32, &frame);
+        ids[i] = id;
+    }
+    let (plain, header) = pb.finish();
+    let ct = repo.recipients().encrypt(&plain);
+    let pack_id = Id::of_bytes(&ct);
+    repo.backend().put(&pack_key(&pack_id), &ct).unwrap();
+    repo.save_json(
+        "index",
+        &IndexFile {
+            version: 1,
+            packs: vec![IndexPack {
+                id: pack_id,
+                kind: BlobKind::Tree,
+                size: ct.len() as u64,
+                blobs: header.blobs,
+            }],
+        },
+    )
+    .unwrap();
+    ids[0]
+}
+
+fn node(name: &str, kind: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut v = serde_json::json!({"name": name, "type": kind, "mode": 0o755, "uid": 0, "gid": 0, "mtime": 0});
+    for (k, x) in extra.as_object().unwrap() {
+        v[k] = x.clone();
+    }
+    v
+}
+
+#[test]
+fn a_hostile_snapshot_cannot_write_outside_the_target() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repository::init(
+        Arc::new(LocalBackend::new(tmp.path().join("repo"))),
+        "pw",
+        &opts(),
+    )
+    .unwrap();
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let target = tmp.path().join("target");
+    for bad_name in ["..", "../../etc/passwd", "/etc/passwd", ".", "a/b"] {
+        let root = forge_snapshot(
+            &repo,
+            &[serde_json::json!({"nodes": [node(bad_name, "file", serde_json::json!({}))]})],
+        );
+        let err = restore(
+            &repo,
+            &root,
+            &RestoreOptions {
+                target: target.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("unsafe entry name"),
+            "{bad_name}: {err}"
+        );
+    }
+    // Two entries of one name (a symlink out, then a directory through it).
+    let dup = forge_snapshot(
+        &repo,
+        &[
+            serde_json::json!({"nodes": [
+                node("a", "dir", serde_json::json!({"subtree": {"$tree": 1}})),
+                node("a", "symlink", serde_json::json!({"target": outside.to_str().unwrap()})),
+            ]}),
+            serde_json::json!({"nodes": [node("x", "file", serde_json::json!({}))]}),
+        ],
+    );
+    assert!(restore(
+        &repo,
+        &dup,
+        &RestoreOptions {
+            target: target.clone(),
+            ..Default::default()
+        }
+    )
+    .is_err());
+    // A symlink restored by one snapshot, then a directory of the same name
+    // from another snapshot: the symlink is never followed.
+    let link = forge_snapshot(
+        &repo,
+        &[
+            serde_json::json!({"nodes": [node("a", "symlink", serde_json::json!({"target": outside.to_str().unwrap()}))]}),
+        ],
+    );
+    restore(
+        &repo,
+        &link,
+        &RestoreOptions {
+            target: target.clone(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let through = forge_snapshot(
+        &repo,
+        &[
+            serde_json::json!({"nodes": [node("a", "dir", serde_json::json!({"subtree": {"$tree": 1}}))]}),
+            serde_json::json!({"nodes": [node("x", "file", serde_json::json!({}))]}),
+        ],
+    );
+    let r = restore(
+        &repo,
+        &through,
+        &RestoreOptions {
+            target: target.clone(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(r.conflicts.len(), 1, "{r:?}");
+    let r = restore(
+        &repo,
+        &through,
+        &RestoreOptions {
+            target: target.clone(),
+            overwrite: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(r.conflicts.is_empty() && r.failures.is_empty(), "{r:?}");
+    assert!(
+        std::fs::symlink_metadata(target.join("a"))
+            .unwrap()
+            .is_dir(),
+        "the symlink was replaced by a real directory"
+    );
+    assert!(target.join("a/x").exists());
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "nothing was written outside the target"
+    );
+}
+
+#[test]
+fn snapshots_name_latest_and_unique_prefixes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let repo = Repository::init(
+        Arc::new(LocalBackend::new(tmp.path().join("repo"))),
+        "pw",
+        &opts(),
+    )
+    .unwrap();
+    let first = backup_dir(&repo, &src, None).unwrap();
+    std::fs::write(src.join("f"), b"x").unwrap();
+    let second = backup_dir(&repo, &src, None).unwrap();
+    let latest: (Id, Snapshot) = repo.find_snapshot("latest").unwrap();
+    assert_eq!(latest.0, second.snapshot_id);
+    assert_eq!(
+        repo.find_snapshot(&first.snapshot_id.to_hex()[..8])
+            .unwrap()
+            .0,
+        first.snapshot_id
+    );
+    assert!(matches!(
+        repo.find_snapshot("zz"),
+        Err(crate::Error::SnapshotNotFound(_))
+    ));
+    assert!(matches!(
+        repo.find_snapshot(""),
+        Err(crate::Error::AmbiguousSnapshot(_)) | Err(crate::Error::SnapshotNotFound(_))
+    ));
+}
