@@ -283,6 +283,14 @@ pub enum KeyCommand {
         /// Key ID (prefix).
         id: String,
     },
+    /// Write the repository's age identity (the secret that decrypts every
+    /// object) to a file, for the emergency path with the `age` and `zstd`
+    /// tools. Store it offline, like the passphrase.
+    ExportIdentity {
+        /// File to create (mode 0600; never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Change the passphrase of the key in use.
     Passwd {
         /// Read the new passphrase from this file.

@@ -820,6 +820,28 @@ fn key(g: &Global, k: &KeyCommand) -> Result<u8> {
                 println!("removed key {id}");
             }
         }
+        KeyCommand::ExportIdentity { out } => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(out)
+                .with_context(|| format!("creating {} (it must not exist yet)", out.display()))?;
+            writeln!(
+                f,
+                "# lifeboat repository {} identity: decrypts every object",
+                repo.config().id
+            )?;
+            writeln!(f, "{}", repo.key().identity_string())?;
+            f.sync_all()?;
+            if !g.quiet && !g.json {
+                println!(
+                    "wrote the repository identity to {}; keep it offline and secret",
+                    out.display()
+                );
+            }
+        }
         KeyCommand::Passwd {
             new_passphrase_file,
         } => {

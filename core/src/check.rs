@@ -253,24 +253,28 @@ fn verify_pack(
             }
         }
     };
-    let plain = match repo.read_pack(id) {
+    let pack = match repo.read_pack_salvage(id) {
         Ok(p) => p,
         Err(e) => {
             errors.push(e.to_string());
-            mark_all(&mut bad, "is corrupt");
+            mark_all(&mut bad, "is unreadable");
             return (errors, bad, 0);
         }
     };
-    let header = match parse_pack(&plain) {
-        Ok(h) => h,
+    if let Some(damage) = &pack.damage {
+        errors.push(damage.clone());
+    }
+    // The header is at the end of the pack; if it is damaged, the index
+    // still says where the blobs are.
+    let header_blobs: Vec<crate::pack::PackEntry> = match parse_pack(&pack.plain) {
+        Ok(h) => h.blobs,
         Err(e) => {
-            errors.push(format!("pack {} is corrupt ({e})", id.short()));
-            mark_all(&mut bad, "has a damaged header");
-            return (errors, bad, 0);
+            errors.push(format!("pack {} has a damaged header ({e})", id.short()));
+            indexed.map(|p| p.blobs.clone()).unwrap_or_default()
         }
     };
     let in_header: HashMap<Id, &crate::pack::PackEntry> =
-        header.blobs.iter().map(|b| (b.id, b)).collect();
+        header_blobs.iter().map(|b| (b.id, b)).collect();
     let mut verified = 0;
     if let Some(p) = indexed {
         for b in &p.blobs {
@@ -287,8 +291,14 @@ fn verify_pack(
             }
         }
     }
-    for b in &header.blobs {
-        let frame = &plain[b.offset as usize..(b.offset + b.length) as usize];
+    for b in &header_blobs {
+        let Some(frame) = pack.frame(b.offset, b.length) else {
+            bad.insert(
+                b.id,
+                format!("blob {} in pack {} is corrupt", b.id.short(), id.short()),
+            );
+            continue;
+        };
         match decode_blob(frame, b.raw_length) {
             Ok(data) if repo.key().blob_id(&data) == b.id => verified += 1,
             Ok(_) => {

@@ -166,6 +166,57 @@ impl MasterKey {
         Ok(out)
     }
 
+    /// Decrypts what can be decrypted of a damaged age file. age
+    /// authenticates its payload in 64 KiB segments, so damage to one
+    /// segment need not cost the rest: returns the plaintext (zeros where a
+    /// segment failed) and the plaintext ranges that failed. Fails only
+    /// when the header itself is unusable.
+    pub fn decrypt_salvage(
+        &self,
+        ciphertext: &[u8],
+    ) -> Result<(Vec<u8>, Vec<std::ops::Range<usize>>), String> {
+        use std::io::{Seek, SeekFrom};
+        const SEG: usize = 64 * 1024;
+        const TAG: usize = 16;
+        // The payload starts after the header's "--- <mac>\n" line and the 16-byte nonce.
+        let mac_line = ciphertext
+            .windows(5)
+            .position(|w| w == b"\n--- ")
+            .ok_or("age header not found")?;
+        let header_end = ciphertext[mac_line + 1..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|p| mac_line + 1 + p + 1)
+            .ok_or("age header not terminated")?;
+        let payload = ciphertext.len().saturating_sub(header_end + 16);
+        let segments = payload.div_ceil(SEG + TAG);
+        let plain_len = payload.saturating_sub(segments * TAG);
+        // After a failed segment the age reader keeps the failed ciphertext
+        // buffered, so a fresh reader is opened to go on past it.
+        let open = || -> Result<_, String> {
+            let decryptor = age::Decryptor::new_buffered(std::io::Cursor::new(ciphertext))
+                .map_err(|e| e.to_string())?;
+            decryptor
+                .decrypt(std::iter::once(&self.identity as &dyn age::Identity))
+                .map_err(|e| e.to_string())
+        };
+        let mut reader = open()?;
+        let mut out = vec![0u8; plain_len];
+        let mut bad = Vec::new();
+        for i in 0..segments {
+            let range = i * SEG..((i + 1) * SEG).min(plain_len);
+            let ok = reader
+                .seek(SeekFrom::Start(range.start as u64))
+                .and_then(|_| reader.read_exact(&mut out[range.clone()]));
+            if ok.is_err() {
+                out[range.clone()].fill(0);
+                bad.push(range);
+                reader = open()?;
+            }
+        }
+        Ok((out, bad))
+    }
+
     /// Seals this key with a passphrase into a key file.
     pub fn seal(&self, passphrase: &str, work_factor: u8) -> KeyFile {
         let secret = SecretJson {
@@ -277,6 +328,26 @@ mod tests {
         assert!(other
             .decrypt(&recipients.encrypt(b"x"), &|| "obj".into())
             .is_err());
+    }
+
+    #[test]
+    fn salvage_recovers_every_segment_but_the_damaged_one() {
+        let key = MasterKey::generate();
+        let recipients = Recipients::parse(&[key.recipient()]).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut ct = recipients.encrypt(&data);
+        let (plain, bad) = key.decrypt_salvage(&ct).unwrap();
+        assert_eq!(plain, data);
+        assert!(bad.is_empty());
+        let n = ct.len();
+        ct[n - 250_000] ^= 1;
+        let (plain, bad) = key.decrypt_salvage(&ct).unwrap();
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        for (i, (a, b)) in plain.iter().zip(&data).enumerate() {
+            if !bad[0].contains(&i) {
+                assert_eq!(a, b, "byte {i} outside the damaged segment is recovered");
+            }
+        }
     }
 
     #[test]

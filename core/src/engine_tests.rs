@@ -385,11 +385,15 @@ fn a_corrupted_pack_is_found_by_check_and_only_its_files_fail_to_restore() {
         Ok(())
     })
     .unwrap();
-    let (pack, _) = index.get(&a_txt.unwrap()).unwrap();
+    let (pack, loc) = index.get(&a_txt.unwrap()).unwrap();
     let path = tmp.path().join("repo").join(pack_key(&pack.id));
     let mut bytes = std::fs::read(&path).unwrap();
-    let n = bytes.len();
-    bytes[n / 2] ^= 0x40;
+    // Map the blob's plaintext offset to the ciphertext: after the age header
+    // and nonce, 64 KiB segments each carry a 16-byte tag.
+    let mac = bytes.windows(5).position(|w| w == b"\n--- ").unwrap();
+    let header_end = mac + 1 + bytes[mac + 1..].iter().position(|&b| b == b'\n').unwrap() + 1;
+    let off = loc.offset as usize + 10;
+    bytes[header_end + 16 + off / 65536 * (65536 + 16) + off % 65536] ^= 0x40;
     std::fs::write(&path, bytes).unwrap();
 
     let c = check(

@@ -166,8 +166,23 @@ fn storage_now(repo: &Repository) -> Result<SystemTime> {
     Ok(t)
 }
 
-/// Runs both phases of prune.
+/// Runs both phases of prune. With a zero grace period the plan written by
+/// this run is executed by this run too (safe only when no backup runs).
 pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
+    let mut report = prune_once(repo, opts)?;
+    if opts.grace.is_zero() && !opts.dry_run && report.packs_condemned > 0 {
+        let second = prune_once(repo, opts)?;
+        report.packs_deleted += second.packs_deleted;
+        report.bytes_deleted += second.bytes_deleted;
+        report.packs_spared += second.packs_spared;
+        report.plans_waiting = second.plans_waiting;
+        report.next_deletion_after = second.next_deletion_after;
+        report.packs_total = second.packs_total;
+    }
+    Ok(report)
+}
+
+fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     let mut report = PruneReport::default();
     let backend = repo.backend();
     let now = storage_now(repo)?;

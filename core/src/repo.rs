@@ -150,6 +150,29 @@ pub struct Repository {
     pack_cache: Mutex<PackCache>,
 }
 
+/// A pack read by [`Repository::read_pack_salvage`].
+#[derive(Debug)]
+pub struct SalvagedPack {
+    /// Plaintext, with zeros where segments failed.
+    pub plain: Vec<u8>,
+    /// Plaintext ranges that failed authentication.
+    pub bad: Vec<std::ops::Range<usize>>,
+    /// What is wrong with the pack, if anything.
+    pub damage: Option<String>,
+}
+
+impl SalvagedPack {
+    /// The frame at `offset..offset+length` if it lies in the pack and
+    /// outside every damaged range.
+    pub fn frame(&self, offset: u32, length: u32) -> Option<&[u8]> {
+        let r = offset as usize..offset as usize + length as usize;
+        if self.bad.iter().any(|b| b.start < r.end && r.start < b.end) {
+            return None;
+        }
+        self.plain.get(r)
+    }
+}
+
 /// Key of a pack object.
 pub fn pack_key(id: &Id) -> String {
     let hex = id.to_hex();
@@ -481,6 +504,41 @@ impl Repository {
             ));
         }
         self.key.decrypt(&bytes, &what)
+    }
+
+    /// Reads a pack, salvaging what it can when it is damaged. Returns the
+    /// plaintext, the plaintext ranges that could not be authenticated, and
+    /// a description of the damage if there is any. Callers must still
+    /// verify each blob against its ID.
+    pub fn read_pack_salvage(&self, id: &Id) -> Result<SalvagedPack> {
+        let what = || format!("pack {}", id.short());
+        let bytes = match self.backend.get(&pack_key(id), None) {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Err(Error::Missing { object: what() }),
+            Err(e) => return Err(e.into()),
+        };
+        if Id::of_bytes(&bytes) == *id {
+            if let Ok(plain) = self.key.decrypt(&bytes, &what) {
+                return Ok(SalvagedPack {
+                    plain,
+                    bad: Vec::new(),
+                    damage: None,
+                });
+            }
+        }
+        let (plain, bad) = self
+            .key
+            .decrypt_salvage(&bytes)
+            .map_err(|e| Error::corrupt(what(), format!("checksum mismatch and {e}")))?;
+        Ok(SalvagedPack {
+            damage: Some(format!(
+                "pack {} is corrupt (checksum mismatch; {} of its 64 KiB segments fail authentication)",
+                id.short(),
+                bad.len()
+            )),
+            plain,
+            bad,
+        })
     }
 
     /// Reads one blob, verifying it against its ID. Packs are cached, so

@@ -449,14 +449,14 @@ pub fn restore(
                     break;
                 };
                 let pack = index.pack(pack_pos);
-                let plain = repo.read_pack(&pack.id);
+                let pack_data = repo.read_pack_salvage(&pack.id);
                 let mut files: HashMap<usize, File> = HashMap::new();
                 for (id, (loc, targets)) in blobs {
-                    let data = match &plain {
+                    let data = match &pack_data {
                         Err(e) => Err(e.to_string()),
-                        Ok(plain) => plain
-                            .get(loc.offset as usize..(loc.offset + loc.length) as usize)
-                            .ok_or_else(|| "blob lies outside its pack".to_string())
+                        Ok(p) => p
+                            .frame(loc.offset, loc.length)
+                            .ok_or_else(|| "it lies in a damaged part of the pack".to_string())
                             .and_then(|frame| decode_blob(frame, loc.raw_length))
                             .and_then(|d| {
                                 if repo.key().blob_id(&d) == id {
@@ -467,7 +467,7 @@ pub fn restore(
                             })
                             .map_err(|e| {
                                 format!(
-                                    "blob {} in pack {} is corrupt: {e}",
+                                    "blob {} in pack {} is corrupt ({e}); run `lifeboat check --read-data`",
                                     id.short(),
                                     pack.id.short()
                                 )

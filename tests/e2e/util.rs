@@ -94,7 +94,10 @@ pub fn make_metadata_tree(root: &Path) -> Created {
     chmod(&setuid, 0o4755);
     let setgid = root.join("setgid-dir");
     make_dir(&setgid);
-    write_file(&setgid.join("inside.txt"), b"inherits the directory's group\n");
+    write_file(
+        &setgid.join("inside.txt"),
+        b"inherits the directory's group\n",
+    );
     chmod(&setgid, 0o2775);
 
     // A chain of nested directories, and a directory with nothing in it.
@@ -152,8 +155,8 @@ pub fn make_metadata_tree(root: &Path) -> Created {
         created.devices = make_devices(&root.join("devices"));
         // Containers may grant root but map no other ids, so a failure here
         // only means ownership cannot be tested.
-        created.chown = std::os::unix::fs::lchown(&owned, Some(1234), Some(5678))
-            .and_then(|()| std::os::unix::fs::lchown(&owned_link, Some(1234), Some(5678)))
+        created.chown = std::os::unix::fs::lchown(owned, Some(1234), Some(5678))
+            .and_then(|()| std::os::unix::fs::lchown(owned_link, Some(1234), Some(5678)))
             .is_ok();
     }
 
@@ -312,8 +315,7 @@ impl Lb {
 /// The same `seed` always gives the same bytes, and the data does not
 /// compress, so it exercises chunking and storage honestly.
 pub fn write_random_file(path: &Path, len: u64, seed: u64) {
-    let mut file =
-        File::create(path).unwrap_or_else(|e| panic!("cannot create {path:?}: {e}"));
+    let mut file = File::create(path).unwrap_or_else(|e| panic!("cannot create {path:?}: {e}"));
     let mut rng = XorShift64::new(seed);
     let mut buf = vec![0u8; BLOCK];
     let mut remaining = len;
@@ -364,7 +366,11 @@ impl XorShift64 {
         // Xorshift is stuck at zero forever, so the seed is scrambled and a
         // zero state replaced by an arbitrary non-zero constant.
         let state = seed ^ 0x9e37_79b9_7f4a_7c15;
-        Self(if state == 0 { 0x2545_f491_4f6c_dd1d } else { state })
+        Self(if state == 0 {
+            0x2545_f491_4f6c_dd1d
+        } else {
+            state
+        })
     }
 
     fn next_u64(&mut self) -> u64 {
@@ -388,16 +394,15 @@ impl XorShift64 {
 /// at 20 MiB and at the very end) separated by holes.
 fn make_sparse_file(path: &Path) {
     const SIZE: u64 = 64 * MIB;
-    const REGION: u64 = 4096;
+    const REGION: usize = 4096;
     let file = File::create(path).unwrap_or_else(|e| panic!("cannot create {path:?}: {e}"));
     file.set_len(SIZE)
         .unwrap_or_else(|e| panic!("cannot extend {path:?}: {e}"));
     let mut rng = XorShift64::new(0x5ba5_5e00);
-    let mut data = vec![0u8; BLOCK];
-    let data = &mut data[..4096];
-    for offset in [0, 20 * MIB, SIZE - REGION] {
-        rng.fill(data);
-        file.write_all_at(data, offset)
+    let mut data = [0u8; REGION];
+    for offset in [0, 20 * MIB, SIZE - REGION as u64] {
+        rng.fill(&mut data);
+        file.write_all_at(&data, offset)
             .unwrap_or_else(|e| panic!("cannot write {path:?} at {offset}: {e}"));
     }
 }
@@ -412,8 +417,16 @@ fn set_test_xattrs(file: &Path, dir: &Path) -> bool {
         Err(e) => panic!("cannot set an extended attribute on {file:?}: {e}"),
     }
     let attrs: [(&Path, &str, &[u8]); 2] = [
-        (file, "user.binary", &[0x00, 0xff, 0xfe, 0x80, 0x7f, 0x00, 0xc3, 0x28]),
-        (dir, "user.dir-note", "directory attribute \u{2713}".as_bytes()),
+        (
+            file,
+            "user.binary",
+            &[0x00, 0xff, 0xfe, 0x80, 0x7f, 0x00, 0xc3, 0x28],
+        ),
+        (
+            dir,
+            "user.dir-note",
+            "directory attribute \u{2713}".as_bytes(),
+        ),
     ];
     for (path, name, value) in attrs {
         set_xattr(path, name, value)
@@ -437,8 +450,8 @@ fn make_devices(dir: &Path) -> bool {
         true
     } else {
         // Removal failures are irrelevant: at most one node exists here.
-        let _ = fs::remove_file(&char_dev);
-        let _ = fs::remove_file(&block_dev);
+        let _ = fs::remove_file(char_dev);
+        let _ = fs::remove_file(block_dev);
         let _ = fs::remove_dir(dir);
         false
     }
@@ -452,7 +465,8 @@ fn collect_entries(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) {
     for name in names {
         let child = rel.join(OsStr::from_bytes(&name));
         let path = root.join(&child);
-        let meta = fs::symlink_metadata(&path).unwrap_or_else(|e| panic!("cannot stat {path:?}: {e}"));
+        let meta =
+            fs::symlink_metadata(&path).unwrap_or_else(|e| panic!("cannot stat {path:?}: {e}"));
         if meta.is_dir() {
             collect_entries(root, &child, out);
         }
@@ -539,7 +553,10 @@ impl TreeComparison {
             } else if in_expected {
                 self.diff(&child, "missing from the actual tree");
             } else {
-                self.diff(&child, "present in the actual tree but not in the expected one");
+                self.diff(
+                    &child,
+                    "present in the actual tree but not in the expected one",
+                );
             }
         }
     }
@@ -560,20 +577,32 @@ impl TreeComparison {
         let actual_kind = Kind::of(am.file_type());
         if kind != actual_kind {
             // Nothing else is comparable between entries of different types.
-            self.diff(rel, format!("file type: expected {kind:?}, actual {actual_kind:?}"));
+            self.diff(
+                rel,
+                format!("file type: expected {kind:?}, actual {actual_kind:?}"),
+            );
             return;
         }
 
         // Symlink permissions are always 0777 on Linux and cannot be set.
         let (exp_mode, act_mode) = (em.mode() & 0o7777, am.mode() & 0o7777);
         if kind != Kind::Symlink && exp_mode != act_mode {
-            self.diff(rel, format!("permissions: expected {exp_mode:04o}, actual {act_mode:04o}"));
+            self.diff(
+                rel,
+                format!("permissions: expected {exp_mode:04o}, actual {act_mode:04o}"),
+            );
         }
         if em.uid() != am.uid() {
-            self.diff(rel, format!("owner: expected uid {}, actual uid {}", em.uid(), am.uid()));
+            self.diff(
+                rel,
+                format!("owner: expected uid {}, actual uid {}", em.uid(), am.uid()),
+            );
         }
         if em.gid() != am.gid() {
-            self.diff(rel, format!("group: expected gid {}, actual gid {}", em.gid(), am.gid()));
+            self.diff(
+                rel,
+                format!("group: expected gid {}, actual gid {}", em.gid(), am.gid()),
+            );
         }
         let exp_mtime = (em.mtime(), em.mtime_nsec());
         let act_mtime = (am.mtime(), am.mtime_nsec());
@@ -594,8 +623,10 @@ impl TreeComparison {
         }
         // Directories cannot be hard-linked (and their link counts mean
         // something else), so only other entries take part in that check.
-        self.expected_inodes.insert(rel.to_path_buf(), (em.dev(), em.ino()));
-        self.actual_inodes.insert(rel.to_path_buf(), (am.dev(), am.ino()));
+        self.expected_inodes
+            .insert(rel.to_path_buf(), (em.dev(), em.ino()));
+        self.actual_inodes
+            .insert(rel.to_path_buf(), (am.dev(), am.ino()));
         match kind {
             Kind::File => {
                 self.compare_contents(expected, actual, rel, em.size(), am.size());
@@ -647,14 +678,27 @@ impl TreeComparison {
         }
     }
 
-    fn compare_contents(&mut self, expected: &Path, actual: &Path, rel: &Path, exp_size: u64, act_size: u64) {
+    fn compare_contents(
+        &mut self,
+        expected: &Path,
+        actual: &Path,
+        rel: &Path,
+        exp_size: u64,
+        act_size: u64,
+    ) {
         if exp_size != act_size {
-            self.diff(rel, format!("size: expected {exp_size} bytes, actual {act_size}"));
+            self.diff(
+                rel,
+                format!("size: expected {exp_size} bytes, actual {act_size}"),
+            );
         }
         match first_difference(expected, actual) {
             // Past the shorter file's end the size message says it all.
             Ok(Some(offset)) if offset < exp_size.min(act_size) => {
-                self.diff(rel, format!("content differs, first at byte offset {offset}"));
+                self.diff(
+                    rel,
+                    format!("content differs, first at byte offset {offset}"),
+                );
             }
             Ok(_) => {}
             Err(err) => self.diff(rel, format!("cannot compare the contents: {err}")),
@@ -665,11 +709,17 @@ impl TreeComparison {
         let (exp, act) = match (read_xattrs(expected), read_xattrs(actual)) {
             (Ok(e), Ok(a)) => (e, a),
             (Err(err), _) => {
-                self.diff(rel, format!("cannot read the expected extended attributes: {err}"));
+                self.diff(
+                    rel,
+                    format!("cannot read the expected extended attributes: {err}"),
+                );
                 return;
             }
             (_, Err(err)) => {
-                self.diff(rel, format!("cannot read the actual extended attributes: {err}"));
+                self.diff(
+                    rel,
+                    format!("cannot read the actual extended attributes: {err}"),
+                );
                 return;
             }
         };
@@ -797,7 +847,12 @@ fn read_xattrs(path: &Path) -> io::Result<BTreeMap<Vec<u8>, Vec<u8>>> {
             // SAFETY: `p` and `cname` are valid NUL-terminated strings, and
             // `buf` is writable for the length passed; all outlive the call.
             unsafe {
-                libc::lgetxattr(p.as_ptr(), cname.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+                libc::lgetxattr(
+                    p.as_ptr(),
+                    cname.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
             }
         });
         match value {
@@ -817,7 +872,7 @@ fn read_xattrs(path: &Path) -> io::Result<BTreeMap<Vec<u8>, Vec<u8>>> {
 /// the data grew in between (ERANGE).
 fn xattr_buffer(mut call: impl FnMut(&mut [u8]) -> libc::ssize_t) -> io::Result<Vec<u8>> {
     loop {
-        let size = call(&mut []);
+        let size = call(&mut [0u8; 0]);
         let size = usize::try_from(size).map_err(|_| io::Error::last_os_error())?;
         let mut buf = vec![0u8; size];
         let len = call(&mut buf);
@@ -863,7 +918,13 @@ fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
     // SAFETY: `p` and `name` are valid NUL-terminated strings and `value` is
     // readable for the length passed; all outlive the call.
     cvt(unsafe {
-        libc::lsetxattr(p.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+        libc::lsetxattr(
+            p.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
     })
 }
 
@@ -891,7 +952,12 @@ fn set_times(path: &Path, secs: libc::time_t, nanos: libc::c_long) -> io::Result
     // SAFETY: `p` is a valid NUL-terminated path and `times` holds the two
     // timespecs utimensat reads; both outlive the call.
     cvt(unsafe {
-        libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+        libc::utimensat(
+            libc::AT_FDCWD,
+            p.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
     })
 }
 
@@ -916,4 +982,14 @@ fn make_symlink(target: &str, link: &Path) {
 fn make_hard_link(original: &Path, link: &Path) {
     fs::hard_link(original, link)
         .unwrap_or_else(|e| panic!("cannot link {link:?} to {original:?}: {e}"));
+}
+
+/// Status, stdout and stderr of a finished command, for failure messages.
+fn transcript(out: &Output) -> String {
+    format!(
+        "status: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
