@@ -19,6 +19,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    tune_allocator();
     let cli = args::Cli::parse();
     let json = cli.global.json;
     match commands::run(cli) {
@@ -28,5 +29,20 @@ fn main() -> ExitCode {
             output::print_error(&err, json, code);
             ExitCode::from(code)
         }
+    }
+}
+
+/// Keeps glibc from serving each large buffer (chunks, packs: 1 to 16 MiB)
+/// with a fresh mmap that is returned on free: every byte backed up would
+/// otherwise pass through several newly faulted, kernel-zeroed pages, which
+/// showed up as more system than user time in profiles. Freed memory is
+/// reused instead; peak memory is still bounded by the engines' queues.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts allocator parameters; called before any
+    // allocation-heavy work and before threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
     }
 }

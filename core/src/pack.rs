@@ -133,13 +133,30 @@ pub fn raw_frame(data: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+thread_local! {
+    /// One zstd decompression context per thread: creating one per blob
+    /// showed up in restore profiles.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Decodes one blob frame whose plaintext is `raw_length` bytes.
 pub fn decode_blob(frame: &[u8], raw_length: u32) -> Result<Vec<u8>, String> {
     if raw_length > MAX_BLOB {
         return Err(format!("declared blob length {raw_length} is implausible"));
     }
     let mut out = Vec::with_capacity(raw_length as usize);
-    zstd::stream::copy_decode(frame, &mut out).map_err(|e| format!("zstd: {e}"))?;
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?);
+        }
+        let d = slot.as_mut().expect("just set");
+        // A frame may not be larger than its declared content: the buffer
+        // has exactly `raw_length` bytes, so a lying frame fails here.
+        d.decompress_to_buffer(frame, &mut out)
+            .map_err(|e| format!("zstd: {e}"))
+    })?;
     if out.len() != raw_length as usize {
         return Err(format!(
             "decoded {} bytes, expected {raw_length}",

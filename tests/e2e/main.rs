@@ -460,3 +460,67 @@ fn a_pack_opens_with_the_standard_age_and_zstd_tools() {
         serde_json::from_slice(&out.stdout).expect("snapshot is age + zstd + JSON");
     assert!(v["tree"].is_string());
 }
+
+#[test]
+fn two_processes_back_up_into_one_repository_at_the_same_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lb = new_repo(tmp.path());
+    let sources: Vec<PathBuf> = (0..2)
+        .map(|i| {
+            let src = tmp.path().join(format!("host{i}"));
+            std::fs::create_dir(&src).unwrap();
+            write_random_file(&src.join("unique.bin"), 4 << 20, 100 + i);
+            // Shared content: both processes may upload it; dedup must cope.
+            write_random_file(&src.join("shared.bin"), 4 << 20, 7);
+            src
+        })
+        .collect();
+    let children: Vec<_> = sources
+        .iter()
+        .enumerate()
+        .map(|(i, src)| {
+            Command::new(util::lifeboat_bin())
+                .args([
+                    "--repo",
+                    lb.repo.to_str().unwrap(),
+                    "backup",
+                    "--host",
+                    &format!("host{i}"),
+                    src.to_str().unwrap(),
+                ])
+                .env("LIFEBOAT_PASSPHRASE", lb.passphrase.as_deref().unwrap())
+                .env("LIFEBOAT_CACHE_DIR", tmp.path().join(format!("cache{i}")))
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    lb.ok(&["check", "--read-data"]);
+    let snaps: serde_json::Value = serde_json::from_str(&lb.ok(&["snapshots", "--json"])).unwrap();
+    assert_eq!(snaps.as_array().unwrap().len(), 2);
+    for (i, src) in sources.iter().enumerate() {
+        let target = tmp.path().join(format!("out{i}"));
+        let id = snaps
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["host"] == format!("host{i}"))
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        lb.ok(&[
+            "restore",
+            &id,
+            "--target",
+            target.to_str().unwrap(),
+            "--verify",
+        ]);
+        assert_trees_equal(src, &under(&target, src));
+    }
+}
