@@ -67,7 +67,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
     let backend = repo.backend();
 
     // Indexes.
-    let mut index = Index::new();
+    let mut index = crate::index::IndexBuilder::new();
     let mut index_packs: HashMap<Id, crate::index::IndexPack> = HashMap::new();
     for id in repo.list_ids("index")? {
         match repo.load_json::<IndexFile>("index", &id) {
@@ -80,6 +80,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
             Err(e) => report.errors.push(e.to_string()),
         }
     }
+    let index = index.build();
     report.packs = index_packs.len();
 
     // Packs against storage.

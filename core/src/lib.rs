@@ -26,6 +26,19 @@ mod tree;
 pub mod walk;
 
 pub use backend::Backend;
+
+/// The pipeline's building blocks, exposed for the micro-benchmarks in
+/// `core/benches` and for fuzz targets. Not a stable API: callers use the
+/// engines above.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::chunker::Chunker;
+    pub use crate::crypto::{MasterKey, Recipients};
+    pub use crate::index::{IndexBuilder, IndexFile, IndexPack};
+    pub use crate::pack::{
+        decode_blob, parse_pack, raw_frame, BlobEncoder, BlobKind, PackBuilder, PackEntry,
+    };
+}
 pub use crypto::DEFAULT_KDF_WORK_FACTOR;
 pub use error::{Error, Result};
 pub use id::Id;

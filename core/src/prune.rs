@@ -190,7 +190,7 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     // Load the index files individually: we rewrite them.
     let index_ids = repo.list_ids("index")?;
     let mut index_packs: HashMap<Id, IndexPack> = HashMap::new();
-    let mut index = crate::index::Index::new();
+    let mut index = crate::index::IndexBuilder::new();
     for id in &index_ids {
         let file: IndexFile = repo.load_json("index", id)?;
         index.add_file(&file);
@@ -211,6 +211,7 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         .collect();
     report.packs_total = stored.len();
 
+    let index = index.build();
     let used = used_blobs(repo, &index)?;
 
     // Phase two: execute plans past their grace period.

@@ -448,11 +448,11 @@ impl Repository {
     pub fn load_index(&self) -> Result<Index> {
         let ids = self.list_ids("index")?;
         let files = crate::parallel::map(ids, |id| self.load_json::<IndexFile>("index", &id));
-        let mut index = Index::new();
+        let mut index = crate::index::IndexBuilder::new();
         for file in files {
             index.add_file(&file?);
         }
-        Ok(index)
+        Ok(index.build())
     }
 
     /// Loads every snapshot, oldest first.
