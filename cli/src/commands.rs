@@ -743,6 +743,7 @@ fn prune_repo(g: &Global, repo: &Repository, a: &PruneArgs) -> Result<u8> {
         grace: parse_duration(&a.grace)?,
         max_unused: a.max_unused / 100.0,
         dry_run: a.dry_run,
+        ..PruneOptions::default()
     };
     let r = lifeboat_core::prune::prune(repo, &opts)?;
     if g.json {
@@ -765,6 +766,18 @@ fn prune_repo(g: &Global, repo: &Repository, a: &PruneArgs) -> Result<u8> {
             bytes(r.bytes_deleted),
             r.packs_spared
         );
+        if r.packs_too_young > 0 {
+            println!(
+                "{} unreferenced packs are younger than 6 hours and were left alone (a backup may still be writing them)",
+                r.packs_too_young
+            );
+        }
+        if r.temp_files_removed > 0 {
+            println!(
+                "removed {} leftovers of interrupted writes",
+                r.temp_files_removed
+            );
+        }
         if let Some(t) = &r.next_deletion_after {
             println!(
                 "condemned data is deleted by a prune run after {t} (grace period {})",

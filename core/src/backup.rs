@@ -384,7 +384,7 @@ impl<'a, 'r> Walker<'a, 'r> {
     /// Names a blob and queues it for storage unless the repository (or this
     /// backup) already has it.
     fn store_blob(&mut self, kind: BlobKind, data: Vec<u8>) -> Result<Id> {
-        let id = self.repo.key().blob_id(&data);
+        let id = self.repo.key().id_for(kind, &data);
         self.store_named(id, kind, data)?;
         Ok(id)
     }
@@ -799,7 +799,16 @@ fn run(
                             .collect();
                         insert_selection(&mut sel, &comps);
                     }
-                    let tree = walker.selected_tree(Path::new("/"), &sel)?;
+                    // Backing up "/" itself selects everything: the root
+                    // tree is the file system root's listing.
+                    let tree = if roots.iter().any(|r| r.parent().is_none()) {
+                        let dev = std::fs::symlink_metadata("/")
+                            .map_err(|e| Error::io("/", e))?
+                            .dev();
+                        walker.dir_tree(Path::new("/"), dev)?
+                    } else {
+                        walker.selected_tree(Path::new("/"), &sel)?
+                    };
                     (
                         roots.iter().map(|r| r.display().to_string()).collect(),
                         tree,
@@ -874,12 +883,20 @@ fn run(
     }
     // A prune that started after us may have condemned packs we reused; if
     // so, committing would reference data about to be deleted.
-    let reused: HashSet<Id> = walker
+    let mut depends_on: HashSet<Id> = walker
         .reused_packs
         .iter()
         .map(|&pos| index.pack(pos).id)
         .collect();
-    crate::prune::check_no_new_condemnation(repo, &plans_seen, &reused)?;
+    depends_on.extend(
+        shared
+            .written_packs
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .copied(),
+    );
+    crate::prune::check_no_new_condemnation(repo, &plans_seen, &depends_on)?;
 
     let mut summary = walker.summary.clone();
     summary.blobs_added = shared.blobs_added.load(Ordering::Relaxed);

@@ -3,8 +3,10 @@
 //! Keyed by absolute path; an entry is trusted only when size, mtime, ctime
 //! and inode all match and every blob it names is still in the repository
 //! index, so deleting the cache (or pruning the repository) costs speed and
-//! never correctness. Writes go into one transaction that is committed only
-//! after the snapshot is, so an interrupted backup leaves the cache as it was.
+//! never correctness. Because every hit is checked against the index, new
+//! entries can be committed in short batches as the backup goes: several
+//! backups on one host share the file (WAL mode, a busy timeout, and no
+//! transaction held for a whole backup).
 
 use std::path::{Path, PathBuf};
 
@@ -35,6 +37,19 @@ pub struct CacheEntry {
 pub struct FileCache {
     conn: Connection,
     path: PathBuf,
+    /// Entries recorded but not yet written.
+    pending: std::cell::RefCell<Vec<(Vec<u8>, CacheEntry)>>,
+}
+
+/// Entries written per transaction.
+const BATCH: usize = 4096;
+
+/// True for SQLite errors that mean the file is damaged (as opposed to busy).
+fn is_damage(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt) | Some(rusqlite::ErrorCode::NotADatabase)
+    )
 }
 
 impl FileCache {
@@ -45,11 +60,15 @@ impl FileCache {
         let path = dir.join("files.sqlite");
         match Self::open_at(&path) {
             Ok(c) => Ok(c),
-            Err(_) => {
-                // A damaged cache is only a cache: start a new one.
+            Err(Error::Cache { source, .. }) if is_damage(&source) => {
+                // A damaged cache is only a cache: start a new one. (Never for
+                // "busy": another backup may be using the file.)
                 let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(path.with_extension("sqlite-wal"));
+                let _ = std::fs::remove_file(path.with_extension("sqlite-shm"));
                 Self::open_at(&path)
             }
+            Err(e) => Err(e),
         }
     }
 
@@ -59,6 +78,8 @@ impl FileCache {
             source,
         };
         let conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(60))
+            .map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
@@ -68,7 +89,8 @@ impl FileCache {
             .map_err(err)?;
         if version != SCHEMA_VERSION {
             conn.execute_batch(
-                "DROP TABLE IF EXISTS files;
+                "BEGIN IMMEDIATE;
+                 DROP TABLE IF EXISTS files;
                  CREATE TABLE files (
                      path BLOB PRIMARY KEY,
                      size INTEGER NOT NULL,
@@ -81,11 +103,12 @@ impl FileCache {
             .map_err(err)?;
             conn.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(err)?;
+            conn.execute_batch("COMMIT").map_err(err)?;
         }
-        conn.execute_batch("BEGIN").map_err(err)?;
         Ok(FileCache {
             conn,
             path: path.to_path_buf(),
+            pending: std::cell::RefCell::new(Vec::new()),
         })
     }
 
@@ -133,34 +156,61 @@ impl FileCache {
         }))
     }
 
-    /// Records (or replaces) the entry for `path`.
+    /// Records (or replaces) the entry for `path`; written in batches.
     pub fn record(&self, path: &[u8], entry: &CacheEntry) -> Result<()> {
-        let mut content = Vec::with_capacity(entry.content.len() * 32);
-        for id in &entry.content {
-            content.extend_from_slice(&id.0);
+        let full = {
+            let mut pending = self.pending.borrow_mut();
+            pending.push((path.to_vec(), entry.clone()));
+            pending.len() >= BATCH
+        };
+        if full {
+            self.flush()?;
         }
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "INSERT OR REPLACE INTO files (path, size, mtime_ns, ctime_ns, inode, content)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )
-            .map_err(|e| self.err(e))?;
-        stmt.execute(params![
-            path,
-            entry.size as i64,
-            entry.mtime_ns,
-            entry.ctime_ns,
-            entry.inode as i64,
-            content
-        ])
-        .map_err(|e| self.err(e))?;
         Ok(())
     }
 
-    /// Makes the recorded entries durable.
+    /// Writes the pending entries in one short transaction.
+    fn flush(&self) -> Result<()> {
+        let batch = std::mem::take(&mut *self.pending.borrow_mut());
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| self.err(e))?;
+        let result = (|| -> rusqlite::Result<()> {
+            let mut stmt = self.conn.prepare_cached(
+                "INSERT OR REPLACE INTO files (path, size, mtime_ns, ctime_ns, inode, content)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for (path, entry) in &batch {
+                let mut content = Vec::with_capacity(entry.content.len() * 32);
+                for id in &entry.content {
+                    content.extend_from_slice(&id.0);
+                }
+                stmt.execute(params![
+                    path,
+                    entry.size as i64,
+                    entry.mtime_ns,
+                    entry.ctime_ns,
+                    entry.inode as i64,
+                    content
+                ])?;
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => self.conn.execute_batch("COMMIT").map_err(|e| self.err(e)),
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(self.err(e))
+            }
+        }
+    }
+
+    /// Writes every pending entry.
     pub fn commit(self) -> Result<()> {
-        self.conn.execute_batch("COMMIT").map_err(|e| self.err(e))
+        self.flush()
     }
 }
 
@@ -169,7 +219,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn entries_survive_a_commit_and_vanish_without_one() {
+    fn entries_survive_a_commit_and_two_backups_can_share_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let entry = CacheEntry {
             size: 5,
@@ -180,18 +230,19 @@ mod tests {
         };
         let cache = FileCache::open(dir.path(), "r").unwrap();
         cache.record(b"/x", &entry).unwrap();
-        assert_eq!(cache.lookup(b"/x").unwrap(), Some(entry.clone()));
         cache.commit().unwrap();
+        // Two connections at once, as two backups on one host.
+        let one = FileCache::open(dir.path(), "r").unwrap();
+        let two = FileCache::open(dir.path(), "r").unwrap();
+        assert_eq!(one.lookup(b"/x").unwrap(), Some(entry.clone()));
+        assert_eq!(two.lookup(b"/x").unwrap(), Some(entry.clone()));
+        one.record(b"/y", &entry).unwrap();
+        two.record(b"/z", &entry).unwrap();
+        two.commit().unwrap();
+        one.commit().unwrap();
         let cache = FileCache::open(dir.path(), "r").unwrap();
-        assert_eq!(cache.lookup(b"/x").unwrap(), Some(entry.clone()));
-        cache.record(b"/y", &entry).unwrap();
-        drop(cache);
-        let cache = FileCache::open(dir.path(), "r").unwrap();
-        assert_eq!(
-            cache.lookup(b"/y").unwrap(),
-            None,
-            "uncommitted entries are dropped"
-        );
+        assert!(cache.lookup(b"/y").unwrap().is_some());
+        assert!(cache.lookup(b"/z").unwrap().is_some());
     }
 
     #[test]

@@ -267,8 +267,14 @@ fn verify_pack(
     }
     // The header is at the end of the pack; if it is damaged, the index
     // still says where the blobs are.
+    let mut kind = indexed
+        .map(|p| p.kind)
+        .unwrap_or(crate::pack::BlobKind::Data);
     let header_blobs: Vec<crate::pack::PackEntry> = match parse_pack(&pack.plain) {
-        Ok(h) => h.blobs,
+        Ok(h) => {
+            kind = h.kind;
+            h.blobs
+        }
         Err(e) => {
             errors.push(format!("pack {} has a damaged header ({e})", id.short()));
             indexed.map(|p| p.blobs.clone()).unwrap_or_default()
@@ -301,7 +307,7 @@ fn verify_pack(
             continue;
         };
         match decode_blob(frame, b.raw_length) {
-            Ok(data) if repo.key().blob_id(&data) == b.id => verified += 1,
+            Ok(data) if repo.key().id_for(kind, &data) == b.id => verified += 1,
             Ok(_) => {
                 errors.push(format!(
                     "pack {}: blob {} does not match its ID",

@@ -141,6 +141,23 @@ impl MasterKey {
         Id(*blake3::keyed_hash(&self.chunk_key, plaintext).as_bytes())
     }
 
+    /// The keyed BLAKE3 ID of a tree blob. Trees are hashed with a key of
+    /// their own so that no file's content can ever share an ID with a tree
+    /// (a file holding `{"nodes":[]}` would otherwise dedup with every empty
+    /// directory's tree and make it unreadable as a tree).
+    pub fn tree_id(&self, plaintext: &[u8]) -> Id {
+        let tree_key = blake3::keyed_hash(&self.chunk_key, b"lifeboat tree key v1");
+        Id(*blake3::keyed_hash(tree_key.as_bytes(), plaintext).as_bytes())
+    }
+
+    /// The ID of a blob of `kind`.
+    pub fn id_for(&self, kind: crate::pack::BlobKind, plaintext: &[u8]) -> Id {
+        match kind {
+            crate::pack::BlobKind::Data => self.blob_id(plaintext),
+            crate::pack::BlobKind::Tree => self.tree_id(plaintext),
+        }
+    }
+
     /// A hasher for the blob ID of data arriving in pieces.
     pub fn blob_hasher(&self) -> blake3::Hasher {
         blake3::Hasher::new_keyed(&self.chunk_key)
@@ -190,7 +207,10 @@ impl MasterKey {
             .ok_or("age header not terminated")?;
         let payload = ciphertext.len().saturating_sub(header_end + 16);
         let segments = payload.div_ceil(SEG + TAG);
-        let plain_len = payload.saturating_sub(segments * TAG);
+        // A truncated last segment may hold fewer bytes than its tag.
+        let plain_len = payload
+            .saturating_sub(segments * TAG)
+            .max((segments.saturating_sub(1)) * SEG);
         // After a failed segment the age reader keeps the failed ciphertext
         // buffered, so a fresh reader is opened to go on past it.
         let open = || -> Result<_, String> {
@@ -204,7 +224,11 @@ impl MasterKey {
         let mut out = vec![0u8; plain_len];
         let mut bad = Vec::new();
         for i in 0..segments {
-            let range = i * SEG..((i + 1) * SEG).min(plain_len);
+            let range = i * SEG..((i + 1) * SEG).min(plain_len).max(i * SEG);
+            if range.is_empty() {
+                bad.push(range.start..range.start + 1);
+                continue;
+            }
             let ok = reader
                 .seek(SeekFrom::Start(range.start as u64))
                 .and_then(|_| reader.read_exact(&mut out[range.clone()]));
@@ -343,6 +367,11 @@ mod tests {
         ct[n - 250_000] ^= 1;
         let (plain, bad) = key.decrypt_salvage(&ct).unwrap();
         assert_eq!(bad.len(), 1, "{bad:?}");
+        // Truncations at every length near a segment boundary never panic.
+        let full = recipients.encrypt(&data);
+        for cut in [1usize, 5, 15, 16, 17, 100, 65_552, 65_560] {
+            let _ = key.decrypt_salvage(&full[..full.len() - cut]);
+        }
         for (i, (a, b)) in plain.iter().zip(&data).enumerate() {
             if !bad[0].contains(&i) {
                 assert_eq!(a, b, "byte {i} outside the damaged segment is recovered");

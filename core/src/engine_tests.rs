@@ -285,6 +285,8 @@ fn forget_then_prune_frees_space_and_keeps_what_remaining_snapshots_need() {
         &repo,
         &PruneOptions {
             grace: std::time::Duration::from_secs(3600),
+            // Zero stands in for the hours that pass in real life.
+            min_pack_age: std::time::Duration::ZERO,
             ..Default::default()
         },
     )
@@ -495,7 +497,7 @@ fn forge_snapshot(repo: &Repository, trees: &[serde_json::Value]) -> Id {
         for (j, id) in ids.iter().enumerate() {
             text = text.replace(&format!("{{\"$tree\":{j}}}"), &format!("\"{id}\""));
         }
-        let id = repo.key().blob_id(text.as_bytes());
+        let id = repo.key().tree_id(text.as_bytes());
         let mut frame = Vec::new();
         enc.encode_into(text.as_bytes(), &mut frame);
         pb.add(id, text.len() as u32, &frame);
@@ -546,7 +548,8 @@ fn a_hostile_snapshot_cannot_write_outside_the_target() {
             &repo,
             &[serde_json::json!({"nodes": [node(bad_name, "file", serde_json::json!({}))]})],
         );
-        let err = restore(
+        // The unreadable listing is reported as a failure; nothing is written.
+        let r = restore(
             &repo,
             &root,
             &RestoreOptions {
@@ -554,11 +557,14 @@ fn a_hostile_snapshot_cannot_write_outside_the_target() {
                 ..Default::default()
             },
         )
-        .unwrap_err();
+        .unwrap();
         assert!(
-            err.to_string().contains("unsafe entry name"),
-            "{bad_name}: {err}"
+            r.failures
+                .iter()
+                .any(|f| f.reason.contains("unsafe entry name")),
+            "{bad_name}: {r:?}"
         );
+        assert_eq!(r.files_restored + r.dirs + r.others, 0);
     }
     // Two entries of one name (a symlink out, then a directory through it).
     let dup = forge_snapshot(
@@ -571,15 +577,25 @@ fn a_hostile_snapshot_cannot_write_outside_the_target() {
             serde_json::json!({"nodes": [node("x", "file", serde_json::json!({}))]}),
         ],
     );
-    assert!(restore(
+    let r = restore(
         &repo,
         &dup,
         &RestoreOptions {
             target: target.clone(),
             ..Default::default()
-        }
+        },
     )
-    .is_err());
+    .unwrap();
+    assert!(
+        r.failures
+            .iter()
+            .any(|f| f.reason.contains("not sorted or not unique")),
+        "{r:?}"
+    );
+    assert!(
+        !target.join("a").exists(),
+        "nothing of the forged tree is restored"
+    );
     // A symlink restored by one snapshot, then a directory of the same name
     // from another snapshot: the symlink is never followed.
     let link = forge_snapshot(
@@ -670,3 +686,131 @@ fn snapshots_name_latest_and_unique_prefixes() {
         Err(crate::Error::AmbiguousSnapshot(_)) | Err(crate::Error::SnapshotNotFound(_))
     ));
 }
+
+#[test]
+fn a_file_holding_an_empty_trees_json_does_not_collide_with_the_tree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("empty-dir")).unwrap();
+    std::fs::write(src.join("looks-like-a-tree.json"), br#"{"nodes":[]}"#).unwrap();
+    let repo = Repository::init(
+        Arc::new(LocalBackend::new(tmp.path().join("repo"))),
+        "pw",
+        &opts(),
+    )
+    .unwrap();
+    let report = backup_dir(&repo, &src, None).unwrap();
+    let out = tmp.path().join("out");
+    let r = restore(
+        &repo,
+        &report.snapshot.tree,
+        &RestoreOptions {
+            target: out.clone(),
+            verify: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(r.failures.is_empty(), "{r:?}");
+    same_files(&src, &restored_root(&out, &src));
+    let c = check(
+        &repo,
+        &CheckOptions {
+            read_data: true,
+            subset_percent: None,
+        },
+    )
+    .unwrap();
+    assert!(c.errors.is_empty(), "{:?}", c.errors);
+}
+
+#[test]
+fn overwrite_replaces_a_file_whose_bytes_changed_behind_an_unchanged_size_and_mtime() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), b"original").unwrap();
+    let repo = Repository::init(
+        Arc::new(LocalBackend::new(tmp.path().join("repo"))),
+        "pw",
+        &opts(),
+    )
+    .unwrap();
+    let report = backup_dir(&repo, &src, None).unwrap();
+    let out = tmp.path().join("out");
+    let o = RestoreOptions {
+        target: out.clone(),
+        ..Default::default()
+    };
+    restore(&repo, &report.snapshot.tree, &o).unwrap();
+    let f = restored_root(&out, &src).join("f");
+    let m = std::fs::metadata(&f).unwrap();
+    std::fs::write(&f, b"tampered").unwrap();
+    crate::fsmeta::set_mtime(&f, m.mtime(), m.mtime_nsec() as u32).unwrap();
+    let again = restore(&repo, &report.snapshot.tree, &o).unwrap();
+    assert_eq!(
+        again.conflicts.len(),
+        1,
+        "same size and mtime but different bytes is a conflict: {again:?}"
+    );
+    restore(
+        &repo,
+        &report.snapshot.tree,
+        &RestoreOptions {
+            overwrite: true,
+            ..o
+        },
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(&f).unwrap(), b"original");
+}
+
+#[test]
+fn a_hostile_device_node_cannot_chmod_through_an_earlier_symlink() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repository::init(
+        Arc::new(LocalBackend::new(tmp.path().join("repo"))),
+        "pw",
+        &opts(),
+    )
+    .unwrap();
+    let victim = tmp.path().join("victim");
+    std::fs::write(&victim, b"secret").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let target = tmp.path().join("target");
+    let link = forge_snapshot(
+        &repo,
+        &[
+            serde_json::json!({"nodes": [node("x", "symlink", serde_json::json!({"target": victim.to_str().unwrap()}))]}),
+        ],
+    );
+    restore(
+        &repo,
+        &link,
+        &RestoreOptions {
+            target: target.clone(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let dev = forge_snapshot(
+        &repo,
+        &[
+            serde_json::json!({"nodes": [node("x", "chardev", serde_json::json!({"rdev": 0, "mode": 0o666}))]}),
+        ],
+    );
+    let _ = restore(
+        &repo,
+        &dev,
+        &RestoreOptions {
+            target: target.clone(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mode = std::fs::metadata(&victim).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the file behind the symlink kept its mode");
+}
+
+use std::os::unix::fs::MetadataExt;

@@ -35,9 +35,11 @@ use crate::tree::NodeKind;
 /// How long executed plans are kept, so that even a very long backup that
 /// started before a plan sees it at commit time.
 pub const PLAN_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
-/// Packs not referenced by any index are condemned only when at least this
-/// old: younger ones may belong to a backup still running.
-const UNINDEXED_MIN_AGE: Duration = Duration::from_secs(3600);
+/// Unreferenced packs are condemned only when at least this old (or the
+/// grace period, if longer): younger ones may belong to a backup still
+/// running, whose snapshot does not exist yet. A backup running longer than
+/// this may lose the race, and then refuses to commit (see module docs).
+const MIN_PACK_AGE: Duration = Duration::from_secs(6 * 3600);
 
 /// A prune plan: packs condemned by phase one.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,6 +63,10 @@ pub struct PruneOptions {
     pub max_unused: f64,
     /// Report only.
     pub dry_run: bool,
+    /// Unreferenced packs younger than this are
+    /// left alone: they may belong to a backup still running. Ignored when
+    /// `grace` is zero.
+    pub min_pack_age: Duration,
 }
 
 impl Default for PruneOptions {
@@ -69,6 +75,7 @@ impl Default for PruneOptions {
             grace: Duration::from_secs(3600),
             max_unused: 0.5,
             dry_run: false,
+            min_pack_age: MIN_PACK_AGE,
         }
     }
 }
@@ -92,6 +99,11 @@ pub struct PruneReport {
     pub plans_waiting: usize,
     /// Earliest time a waiting plan can be executed (RFC 3339).
     pub next_deletion_after: Option<String>,
+    /// Unreferenced packs left alone because they are younger than the
+    /// minimum age (they may belong to a backup still running).
+    pub packs_too_young: usize,
+    /// Temporary files of interrupted writes removed.
+    pub temp_files_removed: usize,
     /// Total packs in the repository.
     pub packs_total: usize,
     /// Packs in use.
@@ -170,6 +182,7 @@ fn storage_now(repo: &Repository) -> Result<SystemTime> {
 /// this run is executed by this run too (safe only when no backup runs).
 pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     let mut report = prune_once(repo, opts)?;
+    let temp = report.temp_files_removed;
     if opts.grace.is_zero() && !opts.dry_run && report.packs_condemned > 0 {
         let second = prune_once(repo, opts)?;
         report.packs_deleted += second.packs_deleted;
@@ -178,6 +191,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         report.plans_waiting = second.plans_waiting;
         report.next_deletion_after = second.next_deletion_after;
         report.packs_total = second.packs_total;
+        report.temp_files_removed = temp + second.temp_files_removed;
     }
     Ok(report)
 }
@@ -294,16 +308,24 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     }
     let mut newly_condemned = Vec::new();
     let mut to_repack: Vec<&IndexPack> = Vec::new();
+    // With no grace period the caller promises no backup is running.
+    let min_age = if opts.grace.is_zero() {
+        Duration::ZERO
+    } else {
+        opts.min_pack_age
+    };
     for (pack_id, info) in &stored {
         if condemned_all.contains(pack_id) || deleting.contains(pack_id) {
             continue;
         }
+        let old_enough = now.duration_since(info.modified).unwrap_or_default() >= min_age;
         match index_packs.get(pack_id) {
             None => {
-                let age = now.duration_since(info.modified).unwrap_or_default();
-                if age >= UNINDEXED_MIN_AGE.max(opts.grace) {
+                if old_enough {
                     newly_condemned.push(*pack_id);
                     report.bytes_condemned += info.size;
+                } else {
+                    report.packs_too_young += 1;
                 }
             }
             Some(p) => {
@@ -314,7 +336,9 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
                     .filter(|b| used.contains(&b.id) && located.get(&b.id) == Some(pack_id))
                     .map(|b| b.length as u64)
                     .sum();
-                if live == 0 {
+                if live == 0 && !old_enough {
+                    report.packs_too_young += 1;
+                } else if live == 0 {
                     newly_condemned.push(*pack_id);
                     report.bytes_condemned += info.size;
                 } else {
@@ -325,6 +349,10 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
                 }
             }
         }
+    }
+    if !opts.dry_run {
+        report.temp_files_removed =
+            backend.remove_stale_temp_files(min_age.max(Duration::from_secs(3600)))?;
     }
     if opts.dry_run {
         report.packs_condemned = newly_condemned.len() + to_repack.len();

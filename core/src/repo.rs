@@ -214,7 +214,27 @@ fn read_config(backend: &dyn Backend) -> Result<Config> {
             hint: "it was written by an unsupported pre-release; restore with the lifeboat that wrote it",
         });
     }
-    serde_json::from_value(value).map_err(|e| Error::corrupt("repository config", e.to_string()))
+    let config: Config = serde_json::from_value(value)
+        .map_err(|e| Error::corrupt("repository config", e.to_string()))?;
+    // The config is authenticated only after a key opens, and a hostile
+    // repository may hold a valid key: check every value used for local
+    // paths or allocation sizes.
+    let c = config.chunker;
+    let sane = config.id.len() == 32
+        && config
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        && (64 * 1024 <= c.min && c.min <= c.avg && c.avg <= c.max && c.max <= 64 * 1024 * 1024)
+        && (1024 * 1024..=512 * 1024 * 1024).contains(&config.pack_size)
+        && (-7..=22).contains(&config.compression);
+    if !sane {
+        return Err(Error::corrupt(
+            "repository config",
+            "a value is out of range (id, chunker sizes, pack size or compression)",
+        ));
+    }
+    Ok(config)
 }
 
 impl Repository {
@@ -284,10 +304,21 @@ impl Repository {
         let config = read_config(backend.as_ref())?;
         let mut keys = backend.list("keys/")?;
         keys.sort_by(|a, b| a.key.cmp(&b.key));
+        // A damaged key file must not lock out the passphrases of the others.
+        let mut damaged = Vec::new();
         for info in keys {
             let name = info.key.trim_start_matches("keys/").to_string();
-            let file = load_key_file(backend.as_ref(), &info.key)?;
-            if let Some(key) = MasterKey::unseal(&file, passphrase, &name)? {
+            let unsealed = load_key_file(backend.as_ref(), &info.key)
+                .and_then(|file| MasterKey::unseal(&file, passphrase, &name));
+            let key = match unsealed {
+                Ok(Some(key)) => key,
+                Ok(None) => continue,
+                Err(e) => {
+                    damaged.push(format!("{name}: {e}"));
+                    continue;
+                }
+            };
+            {
                 if key.mac(&config.mac_input()) != config.mac {
                     return Err(Error::corrupt(
                         "repository config",
@@ -304,6 +335,13 @@ impl Repository {
                     pack_cache: Mutex::new(PackCache::new(256 << 20)),
                 });
             }
+        }
+        if !damaged.is_empty() {
+            return Err(Error::Invalid(format!(
+                "no key opens with this passphrase, and {} key file(s) are damaged: {}",
+                damaged.len(),
+                damaged.join("; ")
+            )));
         }
         Err(Error::WrongPassphrase)
     }
@@ -446,13 +484,27 @@ impl Repository {
 
     /// Loads every index object into one in-memory index.
     pub fn load_index(&self) -> Result<Index> {
-        let ids = self.list_ids("index")?;
-        let files = crate::parallel::map(ids, |id| self.load_json::<IndexFile>("index", &id));
-        let mut index = crate::index::IndexBuilder::new();
-        for file in files {
-            index.add_file(&file?);
+        // A prune may replace index objects while we read them: it writes the
+        // consolidated index before deleting the old objects, so listing
+        // again finds everything.
+        let mut attempt = 0;
+        loop {
+            let ids = self.list_ids("index")?;
+            let files = crate::parallel::map(ids, |id| self.load_json::<IndexFile>("index", &id));
+            let mut index = crate::index::IndexBuilder::new();
+            let mut vanished = false;
+            for file in files {
+                match file {
+                    Ok(f) => index.add_file(&f),
+                    Err(Error::Missing { .. }) if attempt < 3 => vanished = true,
+                    Err(e) => return Err(e),
+                }
+            }
+            if !vanished {
+                return Ok(index.build());
+            }
+            attempt += 1;
         }
-        Ok(index.build())
     }
 
     /// Loads every snapshot, oldest first.
@@ -542,7 +594,8 @@ impl Repository {
     }
 
     /// Reads one blob, verifying it against its ID. Packs are cached, so
-    /// walking many trees of one pack decrypts the pack once.
+    /// walking many trees of one pack decrypts the pack once, and damaged
+    /// packs are salvaged, so one bad segment costs only the blobs in it.
     pub fn read_blob(&self, index: &Index, id: &Id) -> Result<Vec<u8>> {
         let (pack, loc) = index.get(id).ok_or_else(|| Error::Missing {
             object: format!("blob {}", id.short()),
@@ -552,10 +605,10 @@ impl Repository {
             .lock()
             .expect("pack cache poisoned")
             .get(&pack.id);
-        let plain = match cached {
+        let salvaged = match cached {
             Some(p) => p,
             None => {
-                let p = Arc::new(self.read_pack(&pack.id)?);
+                let p = Arc::new(self.read_pack_salvage(&pack.id)?);
                 self.pack_cache
                     .lock()
                     .expect("pack cache poisoned")
@@ -563,14 +616,16 @@ impl Repository {
                 p
             }
         };
-        let start = loc.offset as usize;
-        let end = start + loc.length as usize;
         let what = || format!("blob {} in pack {}", id.short(), pack.id.short());
-        let frame = plain
-            .get(start..end)
-            .ok_or_else(|| Error::corrupt(what(), "index points past the end of the pack"))?;
+        let frame = salvaged.frame(loc.offset, loc.length).ok_or_else(|| {
+            let why = salvaged
+                .damage
+                .clone()
+                .unwrap_or_else(|| "index points past the end of the pack".into());
+            Error::corrupt(what(), why)
+        })?;
         let data = decode_blob(frame, loc.raw_length).map_err(|e| Error::corrupt(what(), e))?;
-        if self.key.blob_id(&data) != *id {
+        if self.key.id_for(pack.kind, &data) != *id {
             return Err(Error::corrupt(what(), "content does not match its ID"));
         }
         Ok(data)
@@ -617,7 +672,7 @@ fn write_key(
 struct PackCache {
     limit: usize,
     size: usize,
-    map: HashMap<Id, Arc<Vec<u8>>>,
+    map: HashMap<Id, Arc<SalvagedPack>>,
     order: VecDeque<Id>,
 }
 
@@ -631,21 +686,21 @@ impl PackCache {
         }
     }
 
-    fn get(&mut self, id: &Id) -> Option<Arc<Vec<u8>>> {
+    fn get(&mut self, id: &Id) -> Option<Arc<SalvagedPack>> {
         self.map.get(id).cloned()
     }
 
-    fn insert(&mut self, id: Id, data: Arc<Vec<u8>>) {
+    fn insert(&mut self, id: Id, data: Arc<SalvagedPack>) {
         if self.map.contains_key(&id) {
             return;
         }
-        self.size += data.len();
+        self.size += data.plain.len();
         self.map.insert(id, data);
         self.order.push_back(id);
         while self.size > self.limit && self.order.len() > 1 {
             if let Some(old) = self.order.pop_front() {
                 if let Some(d) = self.map.remove(&old) {
-                    self.size -= d.len();
+                    self.size -= d.plain.len();
                 }
             }
         }

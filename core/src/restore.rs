@@ -153,7 +153,13 @@ impl Filter {
 }
 
 /// Walks the snapshot and selects entries, parents before children.
-fn plan(repo: &Repository, index: &Index, root: &Id, filter: &Filter) -> Result<Vec<Entry>> {
+fn plan(
+    repo: &Repository,
+    index: &Index,
+    root: &Id,
+    filter: &Filter,
+    failures: &mut Vec<RestoreFailure>,
+) -> Result<Vec<Entry>> {
     let mut all: Vec<(Entry, bool)> = Vec::new();
     // Prefixes of excluded or included directories; entries below inherit.
     let mut excluded_dirs: Vec<Vec<u8>> = Vec::new();
@@ -162,32 +168,44 @@ fn plan(repo: &Repository, index: &Index, root: &Id, filter: &Filter) -> Result<
         dirs.iter()
             .any(|d| p.len() > d.len() && p.starts_with(d) && p[d.len()] == b'/')
     };
-    crate::walk::walk(repo, index, root, &mut |path, node| {
-        if under(&excluded_dirs, path) {
-            return Ok(());
-        }
-        if filter.excluded(path, &node.name.0) {
-            if node.kind == NodeKind::Dir {
-                excluded_dirs.push(path.to_vec());
+    let mut on_error = |dir: &[u8], e: Error| {
+        failures.push(RestoreFailure {
+            path: String::from_utf8_lossy(dir).into_owned(),
+            reason: format!("directory listing unreadable, nothing below it restored: {e}"),
+        })
+    };
+    crate::walk::walk_tolerant(
+        repo,
+        index,
+        root,
+        &mut |path, node| {
+            if under(&excluded_dirs, path) {
+                return Ok(());
             }
-            return Ok(());
-        }
-        let selected = match &filter.include {
-            None => true,
-            Some(set) => under(&included_dirs, path) || set.is_match(fsmeta::os(path)),
-        };
-        if selected && node.kind == NodeKind::Dir && filter.include.is_some() {
-            included_dirs.push(path.to_vec());
-        }
-        all.push((
-            Entry {
-                snap_path: path.to_vec(),
-                node: node.clone(),
-            },
-            selected,
-        ));
-        Ok(())
-    })?;
+            if filter.excluded(path, &node.name.0) {
+                if node.kind == NodeKind::Dir {
+                    excluded_dirs.push(path.to_vec());
+                }
+                return Ok(());
+            }
+            let selected = match &filter.include {
+                None => true,
+                Some(set) => under(&included_dirs, path) || set.is_match(fsmeta::os(path)),
+            };
+            if selected && node.kind == NodeKind::Dir && filter.include.is_some() {
+                included_dirs.push(path.to_vec());
+            }
+            all.push((
+                Entry {
+                    snap_path: path.to_vec(),
+                    node: node.clone(),
+                },
+                selected,
+            ));
+            Ok(())
+        },
+        &mut on_error,
+    )?;
     if filter.include.is_none() {
         return Ok(all.into_iter().map(|(e, _)| e).collect());
     }
@@ -238,8 +256,8 @@ pub fn restore(
 ) -> Result<RestoreReport> {
     let index = repo.load_index()?;
     let filter = Filter::new(opts)?;
-    let entries = plan(repo, &index, snapshot_tree, &filter)?;
     let mut report = RestoreReport::default();
+    let entries = plan(repo, &index, snapshot_tree, &filter, &mut report.failures)?;
     let target = &opts.target;
     if !opts.dry_run {
         std::fs::create_dir_all(target).map_err(|e| Error::io(target, e))?;
@@ -306,7 +324,9 @@ pub fn restore(
             Ok(m) if m.is_file() && m.len() == e.node.size => {
                 let same_time =
                     m.mtime() == e.node.mtime && m.mtime_nsec() == e.node.mtime_nsec as i64;
-                if same_time || file_matches(repo, &index, &path, &e.node).unwrap_or(false) {
+                // Same size: read and hash it. Trusting size and mtime alone
+                // would keep a file whose bytes changed behind them.
+                if file_matches(repo, &index, &path, &e.node).unwrap_or(false) {
                     report.files_unchanged += 1;
                     done_files.push(i);
                     if !same_time && !opts.dry_run {
@@ -597,7 +617,15 @@ pub fn restore(
                             == e.node.target.as_ref().map(|t| t.0.clone())
                 }
                 NodeKind::Fifo => std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()),
-                _ => Some(m.rdev()) == e.node.rdev,
+                NodeKind::Chardev => {
+                    std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type())
+                        && Some(m.rdev()) == e.node.rdev
+                }
+                NodeKind::Blockdev => {
+                    std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type())
+                        && Some(m.rdev()) == e.node.rdev
+                }
+                _ => false,
             };
             if same {
                 apply_meta(&path, &e.node, is_root, &mut report.warnings);
@@ -722,6 +750,20 @@ fn file_matches(repo: &Repository, index: &Index, path: &Path, node: &Node) -> R
         .open(path)
         .map_err(|e| Error::io(path, e))?;
     if file.metadata().map_err(|e| Error::io(path, e))?.len() != node.size {
+        return Ok(false);
+    }
+    // The blob lengths must add up to the size before anything is read, and
+    // none may exceed the blob limit (a hostile index could claim gigabytes).
+    let mut total = 0u64;
+    for id in &node.content {
+        match index.get(id) {
+            Some((_, loc)) if loc.raw_length <= crate::pack::MAX_BLOB => {
+                total += loc.raw_length as u64
+            }
+            _ => return Ok(false),
+        }
+    }
+    if total != node.size {
         return Ok(false);
     }
     let mut buf = Vec::new();

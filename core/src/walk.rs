@@ -8,6 +8,9 @@ use crate::index::Index;
 use crate::repo::Repository;
 use crate::tree::{Node, NodeKind};
 
+/// Where [`walk_tolerant`] reports unreadable trees.
+type ErrorSink<'a> = &'a mut dyn FnMut(&[u8], Error);
+
 /// Calls `f(path, node)` for every entry below `root`, parents before children,
 /// siblings in name order.
 pub fn walk(
@@ -17,7 +20,21 @@ pub fn walk(
     f: &mut dyn FnMut(&[u8], &Node) -> Result<()>,
 ) -> Result<()> {
     let mut path = Vec::new();
-    walk_inner(repo, index, root, &mut path, f, 0)
+    walk_inner(repo, index, root, &mut path, f, &mut None, 0)
+}
+
+/// Like [`walk`], but a tree that cannot be read is reported to
+/// `on_error(directory path, error)` and skipped, so that damage to one
+/// directory does not stop the traversal of the others.
+pub fn walk_tolerant(
+    repo: &Repository,
+    index: &Index,
+    root: &Id,
+    f: &mut dyn FnMut(&[u8], &Node) -> Result<()>,
+    on_error: &mut dyn FnMut(&[u8], Error),
+) -> Result<()> {
+    let mut path = Vec::new();
+    walk_inner(repo, index, root, &mut path, f, &mut Some(on_error), 0)
 }
 
 fn walk_inner(
@@ -26,6 +43,7 @@ fn walk_inner(
     tree_id: &Id,
     path: &mut Vec<u8>,
     f: &mut dyn FnMut(&[u8], &Node) -> Result<()>,
+    on_error: &mut Option<ErrorSink<'_>>,
     depth: usize,
 ) -> Result<()> {
     // A hostile repository could build a cycle of trees (impossible with
@@ -36,7 +54,14 @@ fn walk_inner(
             "directories nested more than 4096 deep",
         ));
     }
-    let tree = repo.load_tree(index, tree_id)?;
+    let tree = match (repo.load_tree(index, tree_id), on_error.as_mut()) {
+        (Ok(tree), _) => tree,
+        (Err(e), Some(report)) => {
+            report(if path.is_empty() { b"/" } else { path }, e);
+            return Ok(());
+        }
+        (Err(e), None) => return Err(e),
+    };
     for node in &tree.nodes {
         let len = path.len();
         path.push(b'/');
@@ -44,7 +69,7 @@ fn walk_inner(
         f(path, node)?;
         if node.kind == NodeKind::Dir {
             if let Some(sub) = &node.subtree {
-                walk_inner(repo, index, sub, path, f, depth + 1)?;
+                walk_inner(repo, index, sub, path, f, on_error, depth + 1)?;
             }
         }
         path.truncate(len);

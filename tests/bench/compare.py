@@ -142,7 +142,7 @@ def file_digest(path, buf=bytearray(MiB)):
     return h.hexdigest()
 
 
-def manifest(root, hash_files=True):
+def manifest(root):
     """Map relpath -> ('d',) | ('l', target) | ('f', size, sha256) | ('o',) for a tree."""
     m = {}
     for rel, e in scan(root):
@@ -152,7 +152,7 @@ def manifest(root, hash_files=True):
             m[rel] = ("d",)
         elif e.is_file(follow_symlinks=False):
             size = e.stat(follow_symlinks=False).st_size
-            m[rel] = ("f", size, file_digest(e.path) if hash_files else None)
+            m[rel] = ("f", size, file_digest(e.path))
         else:
             m[rel] = ("o",)
     return m
@@ -303,7 +303,8 @@ def machine():
     """nproc, CPU model, memory and kernel, for the report header."""
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     mem = next((int(l.split()[1]) // 1024 for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
-    return {"nproc": os.cpu_count(), "cpu": cpu, "mem_mib": mem, "kernel": platform.release()}
+    return {"nproc": os.cpu_count(), "cpu": cpu, "mem_mib": mem, "kernel": platform.release(),
+            "loadavg_start": os.getloadavg()}
 
 
 def fmt(v, digits=1):
@@ -316,6 +317,8 @@ def report(meta, results):
     out = ["# Lifeboat vs restic vs borg", ""]
     m = meta["machine"]
     out.append(f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['mem_mib']} MiB RAM, Linux {m['kernel']}")
+    out.append(f"- Load average (1/5/15 min) at the first step: {'/'.join(f'{x:.2f}' for x in m['loadavg_start'])}, "
+               f"after the last: {'/'.join(f'{x:.2f}' for x in meta['loadavg_end'])} (other work skews the numbers)")
     out.append("- Versions: " + "; ".join(f"{t}: {v}" for t, v in meta["versions"].items()))
     for k, d in meta["data"].items():
         out.append(f"- Tree {k}: `{d['path']}`, {d['bytes'] / MiB:.0f} MiB in {d['files']} files "
@@ -325,14 +328,16 @@ def report(meta, results):
     out += ["- Repo size = apparent bytes (sum of st_size) of the repository directory after the step", ""]
     tools = list(results)
     head = ["step"] + [f"{t} {c}" for t in tools for c in ("wall s", "CPU s", "RSS MiB", "repo MiB")]
-    head += ["lifeboat ÷ best peer: wall", "RSS", "size"]
+    head += ["lifeboat ÷ best peer: wall", "÷ best: RSS", "÷ best: size"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for step in STEPS:
         row, per = [step], {}
         for t in tools:
             r = results[t].get(step)
             if r is None or not r["ok"]:
-                row += [("timeout" if r and r["timed_out"] else "FAIL" if r else "skipped")] + ["—"] * 3
+                bad = "skipped" if r is None else "timeout" if r["timed_out"] else \
+                    "MISMATCH" if r.get("verified") is False else "FAIL"
+                row += [bad] + ["—"] * 3
                 continue
             per[t] = r
             row += [fmt(r["wall"]), fmt(r["cpu"]), fmt(r["rss_mib"], 0),
@@ -353,15 +358,19 @@ def main():
     ap.add_argument("--data2", type=Path, help="tree B (default: the nightly toolchain)")
     ap.add_argument("--generated", type=int, metavar="SIZE_MB", help="generate A and B of this size instead")
     ap.add_argument("--seed", type=int, default=1, help="seed for --generated (default 1)")
-    ap.add_argument("--scratch", type=Path, default=Path("/work/bench-scratch"))
+    ap.add_argument("--scratch", type=Path, default=Path("/work/bench-scratch"),
+                    help="work directory, emptied at the start (default /work/bench-scratch)")
     ap.add_argument("--timeout", type=float, default=1800, help="per-step timeout in seconds")
     ap.add_argument("--settle", type=float, default=35, help="seconds between deleting old scratch and the first step")
     ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of " + ",".join(TOOLS))
-    ap.add_argument("--lifeboat", type=Path, default=REPO_ROOT / "target" / "release" / "lifeboat")
+    ap.add_argument("--lifeboat", type=Path, default=REPO_ROOT / "target" / "release" / "lifeboat",
+                    help="lifeboat binary (default target/release/lifeboat)")
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build first")
     ap.add_argument("--keep", action="store_true", help="keep repositories and restored trees")
     ap.add_argument("--json", type=Path, metavar="FILE", help="also write raw numbers as JSON")
     args = ap.parse_args()
+    if not set(args.tools.split(",")) <= set(TOOLS):
+        ap.error(f"--tools: choose from {','.join(TOOLS)}")
     launcher = Launcher()  # started while this process is still small
     ensure_tools(args)
     scratch = args.scratch.resolve()
@@ -385,29 +394,34 @@ def main():
     a, b = a.resolve(), b.resolve()
     log(f"warming page cache and hashing A ({a}); reading B ({b})")
     t0 = time.perf_counter()
-    want_a = manifest(a)
-    want_b = manifest(b)
+    want_a, want_b = manifest(a), manifest(b)  # reading every file warms the page cache
     warm_s = time.perf_counter() - t0
     data = {}
     for k, path, m in (("A", a, want_a), ("B", b, want_b)):
         data[k] = {"path": str(path), "bytes": sum(v[1] for v in m.values() if v[0] == "f"),
                    "files": sum(v[0] == "f" for v in m.values()), "dirs": sum(v[0] == "d" for v in m.values()),
                    "symlinks": sum(v[0] == "l" for v in m.values())}
+    del want_b
     largest = max((p for p, v in want_a.items() if v[0] == "f"), key=lambda p: want_a[p][1])
     tools = [Tool(n, scratch, args.lifeboat.resolve()) for n in args.tools.split(",")]
     versions = {t.name: t.version() for t in tools}
     if "lifeboat" in versions:
         try:
-            versions["lifeboat"] += " (git " + run_quiet(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT).strip() + ")"
+            built = time.strftime("%Y-%m-%d %H:%M", time.localtime(args.lifeboat.stat().st_mtime))
+            tree = run_quiet(["git", "describe", "--always", "--dirty"], cwd=REPO_ROOT).strip()
+            versions["lifeboat"] += f" (binary built {built}; source tree at git {tree})"
         except (RuntimeError, OSError):
             pass
     floor = launcher.run(["true"], dict(os.environ), None, os.devnull, 60)["rss_mib"]
-    meta = {"machine": machine(), "versions": versions, "data": data, "rss_floor_mib": floor,
+    meta = {"versions": versions, "data": data, "rss_floor_mib": floor,
             "warm_s": warm_s, "largest_file": largest, "timeout_s": args.timeout}
     wait = args.settle - (time.monotonic() - deleted_at)
     if wait > 0:
         log(f"sleeping {wait:.0f} s so ext4 forgets the deleted inodes")
         time.sleep(wait)
+    meta["machine"] = machine()
+    if meta["machine"]["loadavg_start"][0] > 0.5:
+        log(f"warning: load average {meta['machine']['loadavg_start'][0]:.2f}: something else is running")
     results, failures = {}, []
     for tool in tools:
         (tool.base / "logs").mkdir(parents=True)
@@ -441,6 +455,7 @@ def main():
                     failures.append(f"{tool.name} / {step}: restore differs from source:\n  " + "\n  ".join(problems))
             log(f"{tool.name}: {step}: {r['wall']:.1f} s wall, {r['cpu']:.1f} s CPU, {r['rss_mib']:.0f} MiB"
                 + (" VERIFIED" if r.get("verified") else ""))
+    meta["loadavg_end"] = os.getloadavg()
     launcher.close()
     print(report(meta, results))
     if args.json:

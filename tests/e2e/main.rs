@@ -524,3 +524,17 @@ fn two_processes_back_up_into_one_repository_at_the_same_time() {
         assert_trees_equal(src, &under(&target, src));
     }
 }
+
+#[test]
+fn init_accepts_a_relative_one_word_repository_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(util::lifeboat_bin())
+        .args(["--repo", "repo", "init"])
+        .current_dir(tmp.path())
+        .env("LIFEBOAT_PASSPHRASE", "pw")
+        .env("LIFEBOAT_KDF_WORK_FACTOR", "10")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(tmp.path().join("repo/config").exists());
+}

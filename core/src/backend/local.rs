@@ -44,7 +44,8 @@ impl LocalBackend {
     /// Creates `dir` and any missing parents, fsyncing each parent that gains
     /// an entry so the directory chain is durable before objects land in it.
     fn ensure_dir(&self, dir: &Path) -> io::Result<()> {
-        if dir.is_dir() {
+        // The parent of a relative one-word root is "": the current directory.
+        if dir.as_os_str().is_empty() || dir.is_dir() {
             return Ok(());
         }
         if let Some(parent) = dir.parent() {
@@ -110,7 +111,7 @@ impl LocalBackend {
 
     /// Removes temporary files of puts that crashed, older than `age`. Returns
     /// how many were removed.
-    pub fn remove_stale_temp_files(&self, age: std::time::Duration) -> io::Result<usize> {
+    fn remove_stale(&self, age: std::time::Duration) -> io::Result<usize> {
         fn visit(dir: &Path, age: std::time::Duration, n: &mut usize) -> io::Result<()> {
             for entry in fs::read_dir(dir)? {
                 let entry = entry?;
@@ -136,6 +137,11 @@ impl LocalBackend {
 
 /// Fsyncs a directory so that entries created or removed in it are durable.
 fn sync_dir(dir: &Path) -> io::Result<()> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     File::open(dir)?.sync_all()
 }
 
@@ -148,7 +154,10 @@ impl Backend for LocalBackend {
         if path.exists() {
             return Ok(PutOutcome::AlreadyExists);
         }
-        self.ensure_dir(&dir).map_err(err)?;
+        self.ensure_dir(&dir).map_err(|e| BackendError::Permanent {
+            key: key.to_string(),
+            message: format!("cannot create directory {}: {e}", dir.display()),
+        })?;
         let tmp = dir.join(format!(
             "{TEMP_PREFIX}{}",
             hex::encode(rand::random::<[u8; 12]>())
@@ -241,5 +250,13 @@ impl Backend for LocalBackend {
 
     fn location(&self) -> String {
         self.root.display().to_string()
+    }
+
+    fn remove_stale_temp_files(
+        &self,
+        older_than: std::time::Duration,
+    ) -> Result<usize, BackendError> {
+        self.remove_stale(older_than)
+            .map_err(|e| BackendError::from_io(&self.root.display().to_string(), e))
     }
 }

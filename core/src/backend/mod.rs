@@ -133,6 +133,16 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn stat(&self, key: &str) -> Result<ObjectInfo, BackendError>;
     /// A human-readable location, e.g. the directory or URL.
     fn location(&self) -> String;
+    /// Removes leftovers of writes interrupted longer ago than `older_than`
+    /// (temporary files, unfinished multipart uploads); returns how many.
+    /// Stores without such leftovers keep the default.
+    fn remove_stale_temp_files(
+        &self,
+        older_than: std::time::Duration,
+    ) -> Result<usize, BackendError> {
+        let _ = older_than;
+        Ok(0)
+    }
 }
 
 /// Checks that `key` obeys the key grammar in the [`Backend`] contract.
