@@ -777,6 +777,41 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_key_file_does_not_lock_out_the_other_keys() {
+        let b: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+        Repository::init(b.clone(), "pw", &fast()).unwrap();
+        b.put("keys/00000000000000000000000000000000", b"{ not a key file")
+            .unwrap();
+        Repository::open(b.clone(), "pw").expect("the good key still opens");
+        let err = Repository::open(b, "wrong").unwrap_err();
+        assert!(err.to_string().contains("damaged"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_config_values_are_refused() {
+        let mem = Arc::new(MemoryBackend::new());
+        let b: Arc<dyn Backend> = mem.clone();
+        Repository::init(b.clone(), "pw", &fast()).unwrap();
+        let good: serde_json::Value =
+            serde_json::from_slice(&b.get("config", None).unwrap()).unwrap();
+        for (field, value) in [
+            ("id", serde_json::json!("../../etc/x")),
+            ("pack_size", serde_json::json!(1u64 << 40)),
+        ] {
+            let mut v = good.clone();
+            v[field] = value;
+            mem.corrupt("config", serde_json::to_vec(&v).unwrap());
+            assert!(
+                matches!(
+                    Repository::open(b.clone(), "pw"),
+                    Err(Error::Corrupt { .. })
+                ),
+                "{field}"
+            );
+        }
+    }
+
+    #[test]
     fn keys_can_be_added_removed_and_changed() {
         let b: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
         let repo = Repository::init(b.clone(), "one", &fast()).unwrap();

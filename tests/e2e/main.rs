@@ -538,3 +538,37 @@ fn init_accepts_a_relative_one_word_repository_path() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(tmp.path().join("repo/config").exists());
 }
+
+#[test]
+fn ctrl_c_exits_130_and_leaves_the_repository_valid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lb = new_repo(tmp.path());
+    let mut child = Command::new(util::lifeboat_bin())
+        .args(["--repo", lb.repo.to_str().unwrap(), "backup", "--stdin"])
+        .env("LIFEBOAT_PASSPHRASE", lb.passphrase.as_deref().unwrap())
+        .env("LIFEBOAT_CACHE_DIR", &lb.cache)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Feed some data, then interrupt while the backup waits for more.
+    use std::io::Write;
+    child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(&vec![7u8; 3 << 20])
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    lb.ok(&["check", "--read-data"]);
+    let snaps: serde_json::Value = serde_json::from_str(&lb.ok(&["snapshots", "--json"])).unwrap();
+    assert_eq!(
+        snaps.as_array().unwrap().len(),
+        0,
+        "no snapshot from an interrupted backup"
+    );
+}
