@@ -1,18 +1,23 @@
 //! The backup engine: walk, chunk, dedup, compress, pack, encrypt, upload,
 //! then commit a snapshot.
 //!
-//! Shape: the calling thread walks the file system in name order, reads
-//! files, cuts them into content-defined chunks (FastCDC) and names each
-//! chunk with the keyed BLAKE3 hash, which is all a tree needs. Chunks the
-//! repository does not have yet go through a bounded channel to one worker
-//! per core; workers compress, append to the open pack of that blob kind,
-//! and whoever fills a pack encrypts and uploads it. The bounded channel is
-//! the backpressure that keeps memory flat whatever the file sizes.
+//! Shape: the calling thread walks the file system in name order and builds
+//! trees; it hands each regular file that must be read (not unchanged
+//! according to the file cache) to a pool of file readers, one per core,
+//! which read it, cut it into content-defined chunks (FastCDC) and name each
+//! chunk with the keyed BLAKE3 hash. Chunks the repository does not have yet
+//! go through a bounded channel to a pool of workers, one per core, which
+//! compress them, append them to the open pack of their kind, and whoever
+//! fills a pack encrypts and uploads it. A directory's tree is written once
+//! its files' answers are in. Bounded channels are the backpressure that
+//! keeps memory flat whatever the file sizes; hard-linked files are read by
+//! the walker itself, in order, so later links find the content.
 //!
 //! Commit order is what makes a crash harmless: packs, then index objects
 //! (every few packs, so an interrupted run's uploads are found and reused by
 //! the next one), then the snapshot, last. Until the snapshot exists nothing
-//! refers to the new data, and prune's grace period keeps it safe meanwhile.
+//! refers to the new data, and prune's age floor and grace period keep it
+//! safe meanwhile.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, Metadata};
@@ -341,34 +346,20 @@ impl Excludes {
     }
 }
 
-/// The walker: everything the calling thread owns during a backup.
-struct Walker<'a, 'r> {
+/// What the walker and the file readers share to store blobs: the dedup
+/// state and the channel to the compression workers.
+struct Storer<'a, 'r> {
     repo: &'r Repository,
     index: &'a Index,
-    seen: HashSet<Id>,
-    reused_packs: HashSet<u32>,
-    tx: Option<Sender<Job>>,
+    seen: Mutex<HashSet<Id>>,
+    reused_packs: Mutex<HashSet<u32>>,
+    tx: Mutex<Option<Sender<Job>>>,
     shared: &'a Shared<'r>,
-    cache: Option<FileCache>,
-    excludes: Excludes,
-    one_file_system: bool,
-    summary: Summary,
-    warnings: Vec<String>,
-    hardlinks: HashMap<(u64, u64), Vec<Id>>,
     progress: &'a Progress,
-    started: std::time::SystemTime,
     seed: u64,
 }
 
-fn mtime_ns(m: &Metadata) -> i64 {
-    m.mtime() * 1_000_000_000 + m.mtime_nsec()
-}
-
-fn ctime_ns(m: &Metadata) -> i64 {
-    m.ctime() * 1_000_000_000 + m.ctime_nsec()
-}
-
-impl<'a, 'r> Walker<'a, 'r> {
+impl Storer<'_, '_> {
     fn check_workers(&self) -> Result<()> {
         if let Some(e) = self.shared.error.lock().expect("poisoned").take() {
             return Err(e);
@@ -376,38 +367,40 @@ impl<'a, 'r> Walker<'a, 'r> {
         Ok(())
     }
 
-    fn warn(&mut self, msg: String) {
-        self.summary.errors += 1;
-        self.warnings.push(msg);
-    }
-
     /// Names a blob and queues it for storage unless the repository (or this
     /// backup) already has it.
-    fn store_blob(&mut self, kind: BlobKind, data: Vec<u8>) -> Result<Id> {
+    fn store_blob(&self, kind: BlobKind, data: Vec<u8>) -> Result<Id> {
         let id = self.repo.key().id_for(kind, &data);
         self.store_named(id, kind, data)?;
         Ok(id)
     }
 
-    fn store_named(&mut self, id: Id, kind: BlobKind, data: Vec<u8>) -> Result<()> {
+    fn store_named(&self, id: Id, kind: BlobKind, data: Vec<u8>) -> Result<()> {
         if let Some((_, loc)) = self.index.get(&id) {
-            self.reused_packs.insert(loc.pack);
+            self.reused_packs.lock().expect("poisoned").insert(loc.pack);
             return Ok(());
         }
-        if !self.seen.insert(id) {
+        if !self.seen.lock().expect("poisoned").insert(id) {
             return Ok(());
         }
-        let tx = self.tx.as_ref().expect("channel open while walking");
-        if tx.send(Job { id, kind, data }).is_err() {
-            self.check_workers()?;
-            return Err(Error::Invalid("backup workers stopped unexpectedly".into()));
+        let tx = self.tx.lock().expect("poisoned").clone();
+        match tx {
+            Some(tx) if tx.send(Job { id, kind, data }).is_ok() => Ok(()),
+            _ => {
+                self.check_workers()?;
+                Err(Error::Invalid("backup workers stopped unexpectedly".into()))
+            }
         }
-        Ok(())
+    }
+
+    /// Closes the channel so the compression workers drain and exit.
+    fn close(&self) {
+        self.tx.lock().expect("poisoned").take();
     }
 
     /// Reads and chunks a stream, storing its chunks; returns their IDs.
     fn store_stream(
-        &mut self,
+        &self,
         reader: impl Read,
         size_hint: u64,
     ) -> std::io::Result<Result<(Vec<Id>, u64)>> {
@@ -436,7 +429,7 @@ impl<'a, 'r> Walker<'a, 'r> {
         self.store_chunks(reader)
     }
 
-    fn store_chunks(&mut self, reader: impl Read) -> std::io::Result<Result<(Vec<Id>, u64)>> {
+    fn store_chunks(&self, reader: impl Read) -> std::io::Result<Result<(Vec<Id>, u64)>> {
         let chunker = Chunker::new(reader, self.repo.config().chunker, self.seed);
         let mut ids = Vec::new();
         let mut total = 0u64;
@@ -451,6 +444,105 @@ impl<'a, 'r> Walker<'a, 'r> {
             }
         }
         Ok(Ok((ids, total)))
+    }
+}
+
+/// A file read by a file worker.
+struct FileRead {
+    ids: Vec<Id>,
+    size: u64,
+    /// Size, mtime or ctime moved while it was read.
+    changed: bool,
+}
+
+/// Reads one file into the repository. The outer error is fatal (storage);
+/// the inner one is a warning about this file (unreadable).
+fn read_file(
+    storer: &Storer<'_, '_>,
+    path: &Path,
+    m: &Metadata,
+) -> Result<Result<FileRead, String>> {
+    let file = match open_noatime(path) {
+        Ok(f) => f,
+        Err(e) => return Ok(Err(format!("{}: {e}", path.display()))),
+    };
+    let (ids, size) = match storer.store_stream(&file, m.size()) {
+        Ok(r) => r?,
+        Err(e) => return Ok(Err(format!("{}: read failed: {e}", path.display()))),
+    };
+    let after = file.metadata().map_err(|e| Error::io(path, e))?;
+    let changed = after.size() != m.size()
+        || mtime_ns(&after) != mtime_ns(m)
+        || ctime_ns(&after) != ctime_ns(m)
+        || size != m.size();
+    Ok(Ok(FileRead { ids, size, changed }))
+}
+
+/// A file handed to the file workers.
+struct FileJob {
+    slot: usize,
+    path: PathBuf,
+    meta: Metadata,
+    reply: Sender<FileDone>,
+}
+
+/// A file worker's answer.
+struct FileDone {
+    slot: usize,
+    result: Result<Result<FileRead, String>>,
+}
+
+fn file_worker(storer: &Storer<'_, '_>, rx: Receiver<FileJob>) {
+    for job in rx {
+        let result = read_file(storer, &job.path, &job.meta);
+        let _ = job.reply.send(FileDone {
+            slot: job.slot,
+            result,
+        });
+    }
+}
+
+/// A file node whose content a file worker is reading.
+struct Ticket {
+    path: PathBuf,
+    meta: Metadata,
+    cached: bool,
+}
+
+/// The walker: everything the calling thread owns during a backup.
+struct Walker<'a, 'r> {
+    storer: &'a Storer<'a, 'r>,
+    files: Option<Sender<FileJob>>,
+    cache: Option<FileCache>,
+    excludes: Excludes,
+    one_file_system: bool,
+    summary: Summary,
+    warnings: Vec<String>,
+    hardlinks: HashMap<(u64, u64), Vec<Id>>,
+    progress: &'a Progress,
+    started: std::time::SystemTime,
+}
+
+fn mtime_ns(m: &Metadata) -> i64 {
+    m.mtime() * 1_000_000_000 + m.mtime_nsec()
+}
+
+fn ctime_ns(m: &Metadata) -> i64 {
+    m.ctime() * 1_000_000_000 + m.ctime_nsec()
+}
+
+impl<'a, 'r> Walker<'a, 'r> {
+    fn check_workers(&self) -> Result<()> {
+        self.storer.check_workers()
+    }
+
+    fn warn(&mut self, msg: String) {
+        self.summary.errors += 1;
+        self.warnings.push(msg);
+    }
+
+    fn store_blob(&mut self, kind: BlobKind, data: Vec<u8>) -> Result<Id> {
+        self.storer.store_blob(kind, data)
     }
 
     fn base_node(&self, name: &[u8], kind: NodeKind, m: &Metadata) -> Node {
@@ -494,8 +586,17 @@ impl<'a, 'r> Walker<'a, 'r> {
         }
     }
 
-    /// Builds the node for one entry; `None` when it is skipped.
-    fn node(&mut self, path: &Path, name: &[u8], root_dev: u64) -> Result<Option<Node>> {
+    /// Builds the node for one entry; `None` when it is skipped. A regular
+    /// file that must be read is handed to the file workers: its node comes
+    /// back with a [`Ticket`] and gets its content in [`Walker::collect`].
+    fn node(
+        &mut self,
+        path: &Path,
+        name: &[u8],
+        root_dev: u64,
+        slot: usize,
+        reply: &Sender<FileDone>,
+    ) -> Result<Option<(Node, Option<Ticket>)>> {
         self.check_workers()?;
         let m = match std::fs::symlink_metadata(path) {
             Ok(m) => m,
@@ -507,6 +608,7 @@ impl<'a, 'r> Walker<'a, 'r> {
         self.progress.files.fetch_add(1, Ordering::Relaxed);
         let ft = m.file_type();
         let mut node;
+        let mut ticket = None;
         if ft.is_dir() {
             node = self.base_node(name, NodeKind::Dir, &m);
             self.summary.dirs += 1;
@@ -518,18 +620,48 @@ impl<'a, 'r> Walker<'a, 'r> {
             node.subtree = Some(self.store_blob(BlobKind::Tree, tree.to_bytes())?);
         } else if ft.is_file() {
             node = self.base_node(name, NodeKind::File, &m);
-            match self.file_content(path, &m)? {
-                Some((content, size)) => {
-                    node.content = content;
-                    node.size = size;
-                }
-                None => return Ok(None),
-            }
             node.sparse = m.blocks() * 512 < m.size() && m.size() > 0;
             if m.nlink() > 1 {
                 node.hardlink = Some((m.dev(), m.ino()));
             }
-            self.summary.total_bytes += node.size;
+            match self.cached_content(path, &m)? {
+                Cached::Hit(content) => {
+                    node.content = content;
+                    node.size = m.size();
+                    self.summary.total_bytes += node.size;
+                }
+                Cached::Miss { cached } if m.nlink() > 1 => {
+                    // Hard-linked files are read here, in order, so that the
+                    // next link to the same inode finds the content.
+                    let result = read_file(self.storer, path, &m);
+                    match self.finish_read(path, &m, cached, result)? {
+                        Some((content, size)) => {
+                            node.content = content;
+                            node.size = size;
+                        }
+                        None => return Ok(None),
+                    }
+                }
+                Cached::Miss { cached } => {
+                    let job = FileJob {
+                        slot,
+                        path: path.to_path_buf(),
+                        meta: m.clone(),
+                        reply: reply.clone(),
+                    };
+                    let files = self.files.as_ref().expect("file workers run while walking");
+                    if files.send(job).is_err() {
+                        return Err(Error::Invalid(
+                            "backup file readers stopped unexpectedly".into(),
+                        ));
+                    }
+                    ticket = Some(Ticket {
+                        path: path.to_path_buf(),
+                        meta: m.clone(),
+                        cached,
+                    });
+                }
+            }
         } else if ft.is_symlink() {
             node = self.base_node(name, NodeKind::Symlink, &m);
             match std::fs::read_link(path) {
@@ -557,71 +689,77 @@ impl<'a, 'r> Walker<'a, 'r> {
             self.summary.others += 1;
         }
         node.xattrs = self.xattrs(path);
-        Ok(Some(node))
+        Ok(Some((node, ticket)))
     }
 
-    /// The content of a regular file, from the cache when it is unchanged.
-    fn file_content(&mut self, path: &Path, m: &Metadata) -> Result<Option<(Vec<Id>, u64)>> {
-        let key = path.as_os_str().as_bytes();
+    /// The content of a regular file from the cache (or from an earlier
+    /// hard link to it), when it is unchanged.
+    fn cached_content(&mut self, path: &Path, m: &Metadata) -> Result<Cached> {
         if m.nlink() > 1 {
             if let Some(ids) = self.hardlinks.get(&(m.dev(), m.ino())) {
                 self.summary.files_unmodified += 1;
-                return Ok(Some((ids.clone(), m.size())));
+                return Ok(Cached::Hit(ids.clone()));
             }
         }
         let cached = match &self.cache {
-            Some(c) => c.lookup(key)?,
+            Some(c) => c.lookup(path.as_os_str().as_bytes())?,
             None => None,
         };
-        if let Some(entry) = &cached {
-            if entry.size == m.size()
-                && entry.mtime_ns == mtime_ns(m)
-                && entry.ctime_ns == ctime_ns(m)
-                && entry.inode == m.ino()
-                && entry.content.iter().all(|id| self.index.contains(id))
+        let Some(entry) = cached else {
+            return Ok(Cached::Miss { cached: false });
+        };
+        let index = self.storer.index;
+        if entry.size == m.size()
+            && entry.mtime_ns == mtime_ns(m)
+            && entry.ctime_ns == ctime_ns(m)
+            && entry.inode == m.ino()
+            && entry.content.iter().all(|id| index.contains(id))
+        {
             {
+                let mut reused = self.storer.reused_packs.lock().expect("poisoned");
                 for id in &entry.content {
-                    if let Some((_, loc)) = self.index.get(id) {
-                        self.reused_packs.insert(loc.pack);
+                    if let Some((_, loc)) = index.get(id) {
+                        reused.insert(loc.pack);
                     }
                 }
-                self.summary.files_unmodified += 1;
-                self.progress
-                    .bytes_cached
-                    .fetch_add(m.size(), Ordering::Relaxed);
-                if m.nlink() > 1 {
-                    self.hardlinks
-                        .insert((m.dev(), m.ino()), entry.content.clone());
-                }
-                return Ok(Some((entry.content.clone(), m.size())));
             }
+            self.summary.files_unmodified += 1;
+            self.progress
+                .bytes_cached
+                .fetch_add(m.size(), Ordering::Relaxed);
+            if m.nlink() > 1 {
+                self.hardlinks
+                    .insert((m.dev(), m.ino()), entry.content.clone());
+            }
+            return Ok(Cached::Hit(entry.content));
         }
-        let file = match open_noatime(path) {
-            Ok(f) => f,
-            Err(e) => {
-                self.warn(format!("{}: {e}", path.display()));
+        Ok(Cached::Miss { cached: true })
+    }
+
+    /// Books a file read: counts, warnings, the cache entry. Returns its
+    /// content, or `None` when it could not be read (a warning).
+    fn finish_read(
+        &mut self,
+        path: &Path,
+        m: &Metadata,
+        cached: bool,
+        result: Result<Result<FileRead, String>>,
+    ) -> Result<Option<(Vec<Id>, u64)>> {
+        let read = match result? {
+            Ok(read) => read,
+            Err(warning) => {
+                self.warn(warning);
                 return Ok(None);
             }
         };
-        let (ids, size) = match self.store_stream(&file, m.size()) {
-            Ok(r) => r?,
-            Err(e) => {
-                self.warn(format!("{}: read failed: {e}", path.display()));
-                return Ok(None);
-            }
-        };
-        self.summary.bytes_read += size;
-        if cached.is_some() {
+        self.summary.bytes_read += read.size;
+        self.summary.total_bytes += read.size;
+        if cached {
             self.summary.files_changed += 1;
         } else {
             self.summary.files_new += 1;
         }
-        let after = file.metadata().map_err(|e| Error::io(path, e))?;
-        let changed = after.size() != m.size()
-            || mtime_ns(&after) != mtime_ns(m)
-            || ctime_ns(&after) != ctime_ns(m)
-            || size != m.size();
-        if changed {
+        if read.changed {
             // Reported, not fatal: the snapshot holds what was read.
             self.warnings.push(format!(
                 "{}: file changed while being read; the snapshot holds the bytes read",
@@ -637,21 +775,69 @@ impl<'a, 'r> Walker<'a, 'r> {
             };
             if !recent(mtime_ns(m)) && !recent(ctime_ns(m)) {
                 cache.record(
-                    key,
+                    path.as_os_str().as_bytes(),
                     &CacheEntry {
-                        size,
+                        size: read.size,
                         mtime_ns: mtime_ns(m),
                         ctime_ns: ctime_ns(m),
                         inode: m.ino(),
-                        content: ids.clone(),
+                        content: read.ids.clone(),
                     },
                 )?;
             }
         }
         if m.nlink() > 1 {
-            self.hardlinks.insert((m.dev(), m.ino()), ids.clone());
+            self.hardlinks.insert((m.dev(), m.ino()), read.ids.clone());
         }
-        Ok(Some((ids, size)))
+        Ok(Some((read.ids, read.size)))
+    }
+
+    /// Waits for the file workers' answers for one directory and fills in
+    /// (or drops) the pending nodes.
+    fn collect(
+        &mut self,
+        nodes: &mut [Option<Node>],
+        mut tickets: HashMap<usize, Ticket>,
+        replies: Receiver<FileDone>,
+    ) -> Result<()> {
+        while !tickets.is_empty() {
+            let done = replies
+                .recv()
+                .map_err(|_| Error::Invalid("backup file readers stopped unexpectedly".into()))?;
+            let Some(t) = tickets.remove(&done.slot) else {
+                continue;
+            };
+            match self.finish_read(&t.path, &t.meta, t.cached, done.result)? {
+                Some((content, size)) => {
+                    if let Some(node) = nodes[done.slot].as_mut() {
+                        node.content = content;
+                        node.size = size;
+                    }
+                }
+                None => nodes[done.slot] = None,
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds nodes for `children` (name, path) of one directory, reading
+    /// files in parallel.
+    fn nodes_for(&mut self, children: Vec<(Vec<u8>, PathBuf, u64)>) -> Result<Vec<Node>> {
+        let (reply_tx, reply_rx) = crossbeam_channel::unbounded();
+        let mut nodes: Vec<Option<Node>> = Vec::with_capacity(children.len());
+        let mut tickets = HashMap::new();
+        for (name, path, root_dev) in children {
+            let slot = nodes.len();
+            if let Some((node, ticket)) = self.node(&path, &name, root_dev, slot, &reply_tx)? {
+                if let Some(t) = ticket {
+                    tickets.insert(slot, t);
+                }
+                nodes.push(Some(node));
+            }
+        }
+        drop(reply_tx);
+        self.collect(&mut nodes, tickets, reply_rx)?;
+        Ok(nodes.into_iter().flatten().collect())
     }
 
     /// The tree of a directory and everything below it.
@@ -676,17 +862,17 @@ impl<'a, 'r> Walker<'a, 'r> {
             }
         };
         names.sort();
-        let mut nodes = Vec::with_capacity(names.len());
+        let mut children = Vec::with_capacity(names.len());
         for name in names {
             let child = path.join(fsmeta::os(&name));
             if self.excludes.excluded(&child, &name) {
                 continue;
             }
-            if let Some(node) = self.node(&child, &name, root_dev)? {
-                nodes.push(node);
-            }
+            children.push((name, child, root_dev));
         }
-        Ok(Tree { nodes })
+        Ok(Tree {
+            nodes: self.nodes_for(children)?,
+        })
     }
 
     /// Builds the tree of the selected paths below `dir`.
@@ -699,9 +885,7 @@ impl<'a, 'r> Walker<'a, 'r> {
                     let dev = std::fs::symlink_metadata(&path)
                         .map_err(|e| Error::io(&path, e))?
                         .dev();
-                    if let Some(node) = self.node(&path, name, dev)? {
-                        nodes.push(node);
-                    }
+                    nodes.extend(self.nodes_for(vec![(name.clone(), path, dev)])?);
                 }
                 Sel::Some(children) => {
                     let m = std::fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
@@ -715,6 +899,14 @@ impl<'a, 'r> Walker<'a, 'r> {
         }
         Ok(Tree { nodes })
     }
+}
+
+/// What the cache says about a file.
+enum Cached {
+    /// Unchanged: its blobs.
+    Hit(Vec<Id>),
+    /// Must be read; `cached` says whether an (outdated) entry existed.
+    Miss { cached: bool },
 }
 
 /// Opens a file for reading without updating its access time where the
@@ -759,15 +951,22 @@ fn run(
     };
     let workers = crate::parallel::worker_count();
     let (tx, rx) = bounded::<Job>(workers * 2);
+    let (files_tx, files_rx) = bounded::<FileJob>(workers * 4);
     let level = repo.config().compression;
     let pack_size = repo.config().pack_size as usize;
-    let mut walker = Walker {
+    let storer = Storer {
         repo,
         index: &index,
-        seen: HashSet::new(),
-        reused_packs: HashSet::new(),
-        tx: Some(tx),
+        seen: Mutex::new(HashSet::new()),
+        reused_packs: Mutex::new(HashSet::new()),
+        tx: Mutex::new(Some(tx)),
         shared: &shared,
+        progress,
+        seed: repo.key().chunker_seed(),
+    };
+    let mut walker = Walker {
+        storer: &storer,
+        files: Some(files_tx),
         cache,
         excludes,
         one_file_system: opts.one_file_system,
@@ -776,7 +975,6 @@ fn run(
         hardlinks: HashMap::new(),
         progress,
         started: std::time::SystemTime::now(),
-        seed: repo.key().chunker_seed(),
     };
     let (paths, root) = std::thread::scope(|s| -> Result<(Vec<String>, Id)> {
         for _ in 0..workers {
@@ -785,6 +983,14 @@ fn run(
             s.spawn(move || worker(shared, rx, level, pack_size, progress));
         }
         drop(rx);
+        // File readers: read, chunk and hash files in parallel, feeding the
+        // compression workers above.
+        for _ in 0..workers {
+            let files_rx = files_rx.clone();
+            let storer = &storer;
+            s.spawn(move || file_worker(storer, files_rx));
+        }
+        drop(files_rx);
         let result = (|| -> Result<(Vec<String>, Id)> {
             let (paths, tree) = match input {
                 Input::Paths(roots) => {
@@ -815,7 +1021,7 @@ fn run(
                     )
                 }
                 Input::Stdin(source) => {
-                    let (content, size) = walker
+                    let (content, size) = storer
                         .store_stream(source.reader, u64::MAX)
                         .map_err(|e| Error::io("stdin", e))??;
                     walker.summary.files_new += 1;
@@ -855,8 +1061,9 @@ fn run(
             let root = walker.store_blob(BlobKind::Tree, tree.to_bytes())?;
             Ok((paths, root))
         })();
-        // Closing the channel lets the workers drain and exit.
-        walker.tx = None;
+        // Closing the channels lets the readers, then the workers, drain and exit.
+        walker.files = None;
+        storer.close();
         result
     })?;
     walker.check_workers()?;
@@ -883,8 +1090,10 @@ fn run(
     }
     // A prune that started after us may have condemned packs we reused; if
     // so, committing would reference data about to be deleted.
-    let mut depends_on: HashSet<Id> = walker
+    let mut depends_on: HashSet<Id> = storer
         .reused_packs
+        .lock()
+        .expect("poisoned")
         .iter()
         .map(|&pos| index.pack(pos).id)
         .collect();

@@ -15,7 +15,9 @@ Design:
   exists because a child's ru_maxrss starts at its forking parent's RSS
   high-water mark. An interval timer kills the child's process group when
   the per-step timeout expires, so nothing runs unbounded. Tool output goes
-  to log files under the scratch directory.
+  to log files under the scratch directory. After each step os.sync() writes
+  back its dirty pages (untimed), and the machine's busy CPU time from
+  /proc/stat minus the tool's own shows whether anything else interfered.
 * Fairness: all tools encrypt, compress (zstd level 3 or restic's `auto`),
   keep their caches in the scratch directory (deleted at the start), and
   read from a warm page cache (every file of A and B is read once first).
@@ -303,8 +305,13 @@ def machine():
     """nproc, CPU model, memory and kernel, for the report header."""
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     mem = next((int(l.split()[1]) // 1024 for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
-    return {"nproc": os.cpu_count(), "cpu": cpu, "mem_mib": mem, "kernel": platform.release(),
-            "loadavg_start": os.getloadavg()}
+    return {"nproc": os.cpu_count(), "cpu": cpu, "mem_mib": mem, "kernel": platform.release()}
+
+
+def system_busy_s():
+    """CPU seconds the whole machine has spent busy since boot (first line of /proc/stat)."""
+    f = open("/proc/stat").readline().split()[1:]
+    return sum(int(f[i]) for i in (0, 1, 2, 5, 6, 7)) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
 
 
 def fmt(v, digits=1):
@@ -314,11 +321,13 @@ def fmt(v, digits=1):
 
 def report(meta, results):
     """Markdown report: header lines, then one row per step with per-tool numbers and ratios."""
-    out = ["# Lifeboat vs restic vs borg", ""]
+    out = ["# " + " vs ".join(results), ""]
     m = meta["machine"]
     out.append(f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['mem_mib']} MiB RAM, Linux {m['kernel']}")
-    out.append(f"- Load average (1/5/15 min) at the first step: {'/'.join(f'{x:.2f}' for x in m['loadavg_start'])}, "
-               f"after the last: {'/'.join(f'{x:.2f}' for x in meta['loadavg_end'])} (other work skews the numbers)")
+    other = [(r["other_cpu"], t, s) for t in results for s, r in results[t].items()]
+    worst = max(other, default=(0, "-", "-"))
+    out.append(f"- CPU used outside the measured processes during the steps (kernel writeback, other load): "
+               f"{sum(o[0] for o in other):.1f} s in total, at most {worst[0]:.1f} s ({worst[1]}: {worst[2]})")
     out.append("- Versions: " + "; ".join(f"{t}: {v}" for t, v in meta["versions"].items()))
     for k, d in meta["data"].items():
         out.append(f"- Tree {k}: `{d['path']}`, {d['bytes'] / MiB:.0f} MiB in {d['files']} files "
@@ -420,8 +429,6 @@ def main():
         log(f"sleeping {wait:.0f} s so ext4 forgets the deleted inodes")
         time.sleep(wait)
     meta["machine"] = machine()
-    if meta["machine"]["loadavg_start"][0] > 0.5:
-        log(f"warning: load average {meta['machine']['loadavg_start'][0]:.2f}: something else is running")
     results, failures = {}, []
     for tool in tools:
         (tool.base / "logs").mkdir(parents=True)
@@ -436,7 +443,12 @@ def main():
                 failures.append(f"{tool.name} / {step}: cannot prepare: {e}")
                 break
             log(f"{tool.name}: {step}: {' '.join(argv)}")
+            busy = system_busy_s()
             r = launcher.run(argv, tool.env, cwd, tool.base / "logs" / f"{i}.log", args.timeout)
+            r["other_cpu"] = max(0.0, system_busy_s() - busy - r["cpu"])
+            os.sync()  # write back this step's dirty pages before anything else is timed
+            if r["other_cpu"] > 0.25 * r["wall"] + 0.5:
+                log(f"warning: {r['other_cpu']:.1f} s of CPU outside the tool during this step: is the machine idle?")
             r["ok"], r["argv"] = r["rc"] == 0 and not r["timed_out"], argv
             results[tool.name][step] = r
             if not r["ok"]:
@@ -455,7 +467,6 @@ def main():
                     failures.append(f"{tool.name} / {step}: restore differs from source:\n  " + "\n  ".join(problems))
             log(f"{tool.name}: {step}: {r['wall']:.1f} s wall, {r['cpu']:.1f} s CPU, {r['rss_mib']:.0f} MiB"
                 + (" VERIFIED" if r.get("verified") else ""))
-    meta["loadavg_end"] = os.getloadavg()
     launcher.close()
     print(report(meta, results))
     if args.json:
