@@ -709,20 +709,26 @@ impl<'a, 'r> Walker<'a, 'r> {
             return Ok(Cached::Miss { cached: false });
         };
         let index = self.storer.index;
-        if entry.size == m.size()
+        let unchanged = entry.size == m.size()
             && entry.mtime_ns == mtime_ns(m)
             && entry.ctime_ns == ctime_ns(m)
-            && entry.inode == m.ino()
-            && entry.content.iter().all(|id| index.contains(id))
-        {
-            {
-                let mut reused = self.storer.reused_packs.lock().expect("poisoned");
-                for id in &entry.content {
-                    if let Some((_, loc)) = index.get(id) {
-                        reused.insert(loc.pack);
-                    }
-                }
-            }
+            && entry.inode == m.ino();
+        // Trusted only if every blob is still in the repository.
+        let packs: Option<Vec<u32>> = if unchanged {
+            entry
+                .content
+                .iter()
+                .map(|id| index.get(id).map(|(_, loc)| loc.pack))
+                .collect()
+        } else {
+            None
+        };
+        if let Some(packs) = packs {
+            self.storer
+                .reused_packs
+                .lock()
+                .expect("poisoned")
+                .extend(packs);
             self.summary.files_unmodified += 1;
             self.progress
                 .bytes_cached
@@ -861,7 +867,7 @@ impl<'a, 'r> Walker<'a, 'r> {
                 Vec::new()
             }
         };
-        names.sort();
+        names.sort_unstable();
         let mut children = Vec::with_capacity(names.len());
         for name in names {
             let child = path.join(fsmeta::os(&name));

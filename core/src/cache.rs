@@ -39,6 +39,9 @@ pub struct FileCache {
     path: PathBuf,
     /// Entries recorded but not yet written.
     pending: std::cell::RefCell<Vec<(Vec<u8>, CacheEntry)>>,
+    /// Lookups run inside one read transaction (between batches of
+    /// writes): a transaction per lookup cost two fcntl locks each.
+    reading: std::cell::Cell<bool>,
 }
 
 /// Entries written per transaction.
@@ -109,6 +112,7 @@ impl FileCache {
             conn,
             path: path.to_path_buf(),
             pending: std::cell::RefCell::new(Vec::new()),
+            reading: std::cell::Cell::new(false),
         })
     }
 
@@ -121,6 +125,10 @@ impl FileCache {
 
     /// The entry for `path`, if any.
     pub fn lookup(&self, path: &[u8]) -> Result<Option<CacheEntry>> {
+        if !self.reading.get() {
+            self.conn.execute_batch("BEGIN").map_err(|e| self.err(e))?;
+            self.reading.set(true);
+        }
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -171,6 +179,9 @@ impl FileCache {
 
     /// Writes the pending entries in one short transaction.
     fn flush(&self) -> Result<()> {
+        if self.reading.replace(false) {
+            self.conn.execute_batch("COMMIT").map_err(|e| self.err(e))?;
+        }
         let batch = std::mem::take(&mut *self.pending.borrow_mut());
         if batch.is_empty() {
             return Ok(());

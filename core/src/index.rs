@@ -117,20 +117,49 @@ impl IndexBuilder {
     pub fn build(mut self) -> Index {
         self.entries.sort_by_key(|e| e.0);
         self.entries.shrink_to_fit();
+        // buckets[b] = first entry whose ID starts with the 16 bits b.
+        let mut buckets = vec![0u32; BUCKETS + 1];
+        let mut e = 0usize;
+        for (b, slot) in buckets.iter_mut().enumerate() {
+            while e < self.entries.len() && bucket_of(&self.entries[e].0) < b {
+                e += 1;
+            }
+            *slot = e as u32;
+        }
         Index {
             entries: self.entries,
             packs: self.packs,
+            buckets,
         }
     }
 }
 
+/// Number of buckets of the lookup table: one per value of an ID's first
+/// 16 bits (IDs are uniform hashes, so buckets are even).
+const BUCKETS: usize = 1 << 16;
+
+fn bucket_of(id: &Id) -> usize {
+    u16::from_be_bytes([id.0[0], id.0[1]]) as usize
+}
+
 /// The merged in-memory index: one sorted array of (blob ID, location),
 /// 48 bytes per blob with no per-entry overhead (a hash map costs half as
-/// much again in empty slots and control bytes), looked up by binary search.
-#[derive(Debug, Default, Clone)]
+/// much again in empty slots and control bytes). A fixed 256 KiB table of
+/// where each 16-bit prefix starts narrows a lookup to one small, cache-local
+/// range before the binary search (a plain binary search over millions of
+/// entries was a cache miss per step, and a fifth of an unchanged
+/// re-backup of a million files).
+#[derive(Debug, Clone)]
 pub struct Index {
     entries: Vec<(Id, BlobLocation)>,
     packs: Vec<PackInfo>,
+    buckets: Vec<u32>,
+}
+
+impl Default for Index {
+    fn default() -> Self {
+        IndexBuilder::new().build()
+    }
 }
 
 impl Index {
@@ -139,20 +168,26 @@ impl Index {
         Index::default()
     }
 
-    /// Where a blob is.
-    pub fn get(&self, id: &Id) -> Option<(&PackInfo, BlobLocation)> {
-        self.entries
+    fn position(&self, id: &Id) -> Option<usize> {
+        let b = bucket_of(id);
+        let (start, end) = (self.buckets[b] as usize, self.buckets[b + 1] as usize);
+        self.entries[start..end]
             .binary_search_by(|e| e.0.cmp(id))
             .ok()
-            .map(|i| {
-                let loc = self.entries[i].1;
-                (&self.packs[loc.pack as usize], loc)
-            })
+            .map(|i| start + i)
+    }
+
+    /// Where a blob is.
+    pub fn get(&self, id: &Id) -> Option<(&PackInfo, BlobLocation)> {
+        self.position(id).map(|i| {
+            let loc = self.entries[i].1;
+            (&self.packs[loc.pack as usize], loc)
+        })
     }
 
     /// True when the blob is stored.
     pub fn contains(&self, id: &Id) -> bool {
-        self.entries.binary_search_by(|e| e.0.cmp(id)).is_ok()
+        self.position(id).is_some()
     }
 
     /// Every pack.
@@ -246,6 +281,9 @@ mod tests {
         });
         let idx = b.build();
         assert_eq!(idx.len(), 4, "both copies of blob 2 are kept");
+        for seed in [1u8, 2, 3] {
+            assert!(idx.contains(&Id::of_bytes(&[seed])), "blob {seed} is found");
+        }
         let (pack, _) = idx.get(&Id::of_bytes(&[2])).unwrap();
         assert!(pack.id == Id::of_bytes(b"p1") || pack.id == Id::of_bytes(b"p2"));
         assert!(idx.get(&Id::of_bytes(&[9])).is_none());
