@@ -125,6 +125,55 @@ pub fn set_mtime(path: &Path, secs: i64, nanos: u32) -> io::Result<()> {
     })
 }
 
+/// Applies owner (when `chown`), mode, xattrs and mtime through an open file:
+/// no path lookups, and nothing can be swapped in between.
+pub fn apply_to_fd(
+    file: &std::fs::File,
+    chown: Option<(u32, u32)>,
+    mode: u32,
+    xattrs: &[(&[u8], &[u8])],
+    mtime: (i64, u32),
+) -> Vec<(&'static str, io::Error)> {
+    use std::os::unix::io::AsRawFd;
+    let fd = file.as_raw_fd();
+    let mut errors = Vec::new();
+    if let Some((uid, gid)) = chown {
+        // SAFETY: fd is a valid open descriptor for the duration of the call.
+        if let Err(e) = check(unsafe { libc::fchown(fd, uid, gid) }) {
+            errors.push(("set owner", e));
+        }
+    }
+    // SAFETY: as above.
+    if let Err(e) = check(unsafe { libc::fchmod(fd, mode as libc::mode_t) }) {
+        errors.push(("set permissions", e));
+    }
+    for (name, value) in xattrs {
+        let Ok(n) = CString::new(*name) else {
+            errors.push((
+                "set xattr",
+                io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"),
+            ));
+            continue;
+        };
+        // SAFETY: valid fd and C string; value is readable for its length.
+        if let Err(e) =
+            check(unsafe { libc::fsetxattr(fd, n.as_ptr(), value.as_ptr().cast(), value.len(), 0) })
+        {
+            errors.push(("set xattr", e));
+        }
+    }
+    let t = libc::timespec {
+        tv_sec: mtime.0 as libc::time_t,
+        tv_nsec: mtime.1 as _,
+    };
+    let times = [t, t];
+    // SAFETY: valid fd and a two-element timespec array.
+    if let Err(e) = check(unsafe { libc::futimens(fd, times.as_ptr()) }) {
+        errors.push(("set mtime", e));
+    }
+    errors
+}
+
 /// The effective user ID of this process.
 pub fn euid() -> u32 {
     // SAFETY: geteuid cannot fail.

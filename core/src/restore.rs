@@ -246,6 +246,9 @@ struct FileJob {
     temp: PathBuf,
     remaining: AtomicUsize,
     failed: Mutex<Option<String>>,
+    /// Whether the temporary file exists yet: it is created by whichever
+    /// worker brings the first blob, so a one-blob file costs one open.
+    created: Mutex<bool>,
 }
 
 /// Restores a snapshot's tree into `opts.target`.
@@ -358,21 +361,12 @@ pub fn restore(
             continue;
         }
         let temp = temp_path(&path);
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(|err| Error::io(&temp, err))?;
-        file.set_len(e.node.size)
-            .map_err(|err| Error::io(&temp, err))?;
         jobs.push(FileJob {
             entry: i,
             temp,
             remaining: AtomicUsize::new(e.node.content.len()),
             failed: Mutex::new(None),
+            created: Mutex::new(false),
         });
     }
     if opts.dry_run {
@@ -411,7 +405,26 @@ pub fn restore(
     }
     let bytes_written = AtomicU64::new(0);
     let warnings = Mutex::new(Vec::new());
-    let finalize = |j: usize| {
+    // Opens a job's temporary file, creating it on first use.
+    let open_temp = |job: &FileJob| -> std::io::Result<File> {
+        let mut created = job.created.lock().expect("poisoned");
+        let mut o = OpenOptions::new();
+        o.write(true).custom_flags(libc::O_NOFOLLOW);
+        if !*created {
+            o.create(true).truncate(true).mode(0o600);
+        }
+        let f = o.open(&job.temp)?;
+        if !*created {
+            // Sparse files get their size up front so skipped zeros stay holes.
+            let node = &entries[job.entry].node;
+            if node.sparse {
+                f.set_len(node.size)?;
+            }
+            *created = true;
+        }
+        Ok(f)
+    };
+    let finalize = |j: usize, handle: Option<File>| {
         let job = &jobs[j];
         let e = &entries[job.entry];
         let path = target.join(e.rel());
@@ -419,8 +432,34 @@ pub fn restore(
             let _ = std::fs::remove_file(&job.temp);
             return;
         }
-        let mut w = Vec::new();
-        apply_meta(&job.temp, &e.node, is_root, &mut w);
+        let handle = match handle {
+            Some(f) => Ok(f),
+            None => open_temp(job),
+        };
+        let file = match handle {
+            Ok(f) => f,
+            Err(err) => {
+                *job.failed.lock().expect("poisoned") = Some(format!("cannot create: {err}"));
+                return;
+            }
+        };
+        let xattrs: Vec<(&[u8], &[u8])> = e
+            .node
+            .xattrs
+            .iter()
+            .map(|x| (x.name.0.as_slice(), x.value.0.as_slice()))
+            .collect();
+        let w: Vec<String> = fsmeta::apply_to_fd(
+            &file,
+            is_root.then_some((e.node.uid, e.node.gid)),
+            e.node.mode & 0o7777,
+            &xattrs,
+            (e.node.mtime, e.node.mtime_nsec),
+        )
+        .into_iter()
+        .map(|(what, err)| format!("{}: cannot {what}: {err}", e.display()))
+        .collect();
+        drop(file);
         if let Err(err) = std::fs::rename(&job.temp, &path) {
             *job.failed.lock().expect("poisoned") = Some(format!("cannot move into place: {err}"));
             let _ = std::fs::remove_file(&job.temp);
@@ -433,9 +472,9 @@ pub fn restore(
             *slot = Some(reason);
         }
     };
-    let blob_done = |j: usize| {
+    let blob_done = |j: usize, handle: Option<File>| {
         if jobs[j].remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            finalize(j);
+            finalize(j, handle);
         }
     };
     for (j, id) in &missing {
@@ -448,13 +487,13 @@ pub fn restore(
             .map(|(_, t)| t.iter().filter(|(jj, _)| jj == j).count())
             .sum();
         for _ in 0..(n - placed) {
-            blob_done(*j);
+            blob_done(*j, None);
         }
     }
     for (j, job) in jobs.iter().enumerate() {
         if entries[job.entry].node.content.is_empty() {
             job.remaining.store(1, Ordering::Release);
-            blob_done(j);
+            blob_done(j, None);
         }
     }
     let packs: Mutex<Vec<(u32, PackPlan)>> = Mutex::new(by_pack.into_iter().collect());
@@ -503,11 +542,7 @@ pub fn restore(
                                         Ok(o.into_mut())
                                     }
                                     std::collections::hash_map::Entry::Vacant(v) => {
-                                        OpenOptions::new()
-                                            .write(true)
-                                            .custom_flags(libc::O_NOFOLLOW)
-                                            .open(&job.temp)
-                                            .map(|f| v.insert(f))
+                                        open_temp(job).map(|f| v.insert(f))
                                     }
                                 };
                                 let sparse = entries[job.entry].node.sparse;
@@ -520,12 +555,14 @@ pub fn restore(
                                 }
                             }
                         }
-                        // The file handle must be closed before the rename in
-                        // finalize on some file systems; drop it first.
-                        if jobs[j].remaining.load(Ordering::Acquire) == 1 {
-                            files.remove(&j);
-                        }
-                        blob_done(j);
+                        // The last blob's writer finalizes the file through
+                        // its open handle.
+                        let handle = if jobs[j].remaining.load(Ordering::Acquire) == 1 {
+                            files.remove(&j)
+                        } else {
+                            None
+                        };
+                        blob_done(j, handle);
                     }
                 }
             });
