@@ -23,7 +23,9 @@ ENVIRONMENT:
     LIFEBOAT_PASSPHRASE       the passphrase (instead of a prompt)
     LIFEBOAT_PASSPHRASE_FILE  file holding the passphrase (instead of --passphrase-file)
     LIFEBOAT_NEW_PASSPHRASE   new passphrase for `key add` and `key passwd`
-    LIFEBOAT_CACHE_DIR        local cache directory (default ~/.cache/lifeboat)";
+    LIFEBOAT_CACHE_DIR        local cache directory (default ~/.cache/lifeboat)
+    LIFEBOAT_KDF_WORK_FACTOR  scrypt work factor (log2 N, 10-22, default 16) for keys
+                              created by `init`, `key add` and `key passwd`";
 
 /// Lifeboat: deduplicated, compressed, encrypted backups you can prove restore.
 #[derive(Debug, Parser)]

@@ -314,6 +314,11 @@ def system_busy_s():
     return sum(int(f[i]) for i in (0, 1, 2, 5, 6, 7)) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
 
 
+def disturbed(r):
+    """Whether the machine spent notable CPU outside the tool during a step (beyond writeback noise)."""
+    return r["other_cpu"] > 0.25 * r["wall"] + 0.5
+
+
 def fmt(v, digits=1):
     """A number for the table, or '—' when absent."""
     return "—" if v is None else f"{v:.{digits}f}"
@@ -349,13 +354,16 @@ def report(meta, results):
                 row += [bad] + ["—"] * 3
                 continue
             per[t] = r
-            row += [fmt(r["wall"]), fmt(r["cpu"]), fmt(r["rss_mib"], 0),
+            row += [fmt(r["wall"]) + ("*" if disturbed(r) else ""), fmt(r["cpu"]), fmt(r["rss_mib"], 0),
                     fmt(r["repo_bytes"] / MiB, 0) if "repo_bytes" in r else "—"]
         for key in ("wall", "rss_mib", "repo_bytes"):
             peers = [per[p][key] for p in ("restic", "borg") if p in per and key in per[p]]
             lb = per.get("lifeboat", {}).get(key)
             row.append(f"{lb / min(peers):.2f}" if lb is not None and peers and min(peers) > 0 else "—")
         out.append("| " + " | ".join(row) + " |")
+    if any(disturbed(r) for t in results for r in results[t].values()):
+        out += ["", "\\* the machine spent notable CPU outside the tool during this step (other load?); "
+                "its times are suspect"]
     return "\n".join(out)
 
 
@@ -447,7 +455,7 @@ def main():
             r = launcher.run(argv, tool.env, cwd, tool.base / "logs" / f"{i}.log", args.timeout)
             r["other_cpu"] = max(0.0, system_busy_s() - busy - r["cpu"])
             os.sync()  # write back this step's dirty pages before anything else is timed
-            if r["other_cpu"] > 0.25 * r["wall"] + 0.5:
+            if disturbed(r):
                 log(f"warning: {r['other_cpu']:.1f} s of CPU outside the tool during this step: is the machine idle?")
             r["ok"], r["argv"] = r["rc"] == 0 and not r["timed_out"], argv
             results[tool.name][step] = r
