@@ -290,9 +290,15 @@ fn worker(
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
         let full = {
             let mut packers = shared.packers.lock().expect("packers poisoned");
+            // Data packs fill up at once; tree packs are often small, so they
+            // grow as needed instead of reserving a whole pack up front.
+            let capacity = match job.kind {
+                BlobKind::Data => pack_size + pack_size / 8,
+                BlobKind::Tree => 256 * 1024,
+            };
             let pb = packers
                 .entry(job.kind)
-                .or_insert_with(|| PackBuilder::new(job.kind, pack_size + pack_size / 8));
+                .or_insert_with(|| PackBuilder::new(job.kind, capacity));
             pb.add(job.id, job.data.len() as u32, &frame);
             if pb.len() >= pack_size {
                 packers.remove(&job.kind)

@@ -112,6 +112,7 @@ class Launcher:
         """Let the launcher exit (end of its input) and reap it."""
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
+        self.proc.stdout.close()
 
 
 def run_quiet(argv, env=None, cwd=None, timeout=600):
@@ -303,14 +304,16 @@ def ensure_tools(args):
 
 def machine():
     """nproc, CPU model, memory and kernel, for the report header."""
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    mem = next((int(l.split()[1]) // 1024 for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), "?")
+    mem = next((int(l.split()[1]) // 1024 for l in Path("/proc/meminfo").read_text().splitlines()
+                if l.startswith("MemTotal")), 0)
     return {"nproc": os.cpu_count(), "cpu": cpu, "mem_mib": mem, "kernel": platform.release()}
 
 
 def system_busy_s():
     """CPU seconds the whole machine has spent busy since boot (first line of /proc/stat)."""
-    f = open("/proc/stat").readline().split()[1:]
+    f = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
     return sum(int(f[i]) for i in (0, 1, 2, 5, 6, 7)) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
 
 
