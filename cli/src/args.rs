@@ -93,8 +93,9 @@ pub struct InitArgs {
     /// zstd compression level for new data (0 = none, 1-22; 3 is fast and good).
     #[arg(long, default_value_t = 3)]
     pub compression: i32,
-    /// Target pack size in MiB.
-    #[arg(long, default_value_t = 16)]
+    /// Target pack size in MiB (1-512). Larger packs mean fewer objects;
+    /// smaller ones less memory per worker.
+    #[arg(long, default_value_t = 8)]
     pub pack_size: u32,
 }
 

@@ -962,7 +962,7 @@ fn run(
         stored_added: AtomicU64::new(0),
     };
     let workers = crate::parallel::worker_count();
-    let (tx, rx) = bounded::<Job>(workers * 2);
+    let (tx, rx) = bounded::<Job>(workers);
     let (files_tx, files_rx) = bounded::<FileJob>(workers * 4);
     let level = repo.config().compression;
     let pack_size = repo.config().pack_size as usize;

@@ -33,6 +33,10 @@ use crate::tree::{Snapshot, Tree};
 pub const FORMAT_VERSION: u32 = 1;
 /// The `format` field of every lifeboat repository config.
 const FORMAT_NAME: &str = "lifeboat-repository";
+/// Decrypted packs kept for reading trees and single blobs. Trees are
+/// written in walk order, so a small cache already serves almost every tree
+/// of a pack from one decryption.
+const PACK_CACHE_BYTES: usize = 32 << 20;
 /// Largest decompressed JSON object we accept (a hostile repository must not
 /// be able to exhaust memory with a zstd bomb).
 const MAX_JSON_OBJECT: usize = 1 << 30;
@@ -109,7 +113,7 @@ impl Default for InitOptions {
     fn default() -> Self {
         InitOptions {
             compression: 3,
-            pack_size: 16 * 1024 * 1024,
+            pack_size: 8 * 1024 * 1024,
             chunker: ChunkerParams::default(),
             kdf_work_factor: DEFAULT_KDF_WORK_FACTOR,
         }
@@ -295,7 +299,7 @@ impl Repository {
             key,
             key_name,
             recipients,
-            pack_cache: Mutex::new(PackCache::new(256 << 20)),
+            pack_cache: Mutex::new(PackCache::new(PACK_CACHE_BYTES)),
         })
     }
 
@@ -332,7 +336,7 @@ impl Repository {
                     key,
                     key_name: name,
                     recipients,
-                    pack_cache: Mutex::new(PackCache::new(256 << 20)),
+                    pack_cache: Mutex::new(PackCache::new(PACK_CACHE_BYTES)),
                 });
             }
         }
