@@ -494,18 +494,30 @@ impl Repository {
         let mut attempt = 0;
         loop {
             let ids = self.list_ids("index")?;
-            let files = crate::parallel::map(ids, |id| self.load_json::<IndexFile>("index", &id));
-            let mut index = crate::index::IndexBuilder::new();
+            // Each index object is merged as soon as it is parsed, so the
+            // parsed objects are never all in memory at once.
+            let builder = Mutex::new(crate::index::IndexBuilder::new());
+            let results = crate::parallel::map(ids, |id| {
+                let file = self.load_json::<IndexFile>("index", &id)?;
+                builder
+                    .lock()
+                    .expect("index builder poisoned")
+                    .add_file(&file);
+                Ok::<(), Error>(())
+            });
             let mut vanished = false;
-            for file in files {
-                match file {
-                    Ok(f) => index.add_file(&f),
+            for r in results {
+                match r {
+                    Ok(()) => {}
                     Err(Error::Missing { .. }) if attempt < 3 => vanished = true,
                     Err(e) => return Err(e),
                 }
             }
             if !vanished {
-                return Ok(index.build());
+                return Ok(builder
+                    .into_inner()
+                    .expect("index builder poisoned")
+                    .build());
             }
             attempt += 1;
         }
