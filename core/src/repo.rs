@@ -647,6 +647,13 @@ impl Repository {
         Ok(data)
     }
 
+    /// Drops the decrypted packs cached for tree reads (restore calls this
+    /// once its plan is made, so the memory serves the data phase instead).
+    pub fn clear_pack_cache(&self) {
+        let mut cache = self.pack_cache.lock().expect("pack cache poisoned");
+        *cache = PackCache::new(PACK_CACHE_BYTES);
+    }
+
     /// Loads and validates a tree.
     pub fn load_tree(&self, index: &Index, id: &Id) -> Result<Tree> {
         if let Some((pack, _)) = index.get(id) {

@@ -261,6 +261,7 @@ pub fn restore(
     let filter = Filter::new(opts)?;
     let mut report = RestoreReport::default();
     let entries = plan(repo, &index, snapshot_tree, &filter, &mut report.failures)?;
+    repo.clear_pack_cache();
     let target = &opts.target;
     if !opts.dry_run {
         std::fs::create_dir_all(target).map_err(|e| Error::io(target, e))?;
