@@ -64,7 +64,6 @@ pub struct CheckReport {
 /// Checks the repository.
 pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
     let mut report = CheckReport::default();
-    let backend = repo.backend();
 
     // Indexes.
     let mut index = crate::index::IndexBuilder::new();
@@ -84,16 +83,10 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
     report.packs = index_packs.len();
 
     // Packs against storage.
-    let stored: HashMap<Id, u64> = backend
-        .list("data/")?
+    let stored: HashMap<Id, u64> = repo
+        .stored_packs()?
         .into_iter()
-        .filter_map(|o| {
-            o.key
-                .rsplit('/')
-                .next()
-                .and_then(|n| n.parse().ok())
-                .map(|id| (id, o.size))
-        })
+        .map(|(id, o)| (id, o.size))
         .collect();
     let mut bad_blobs: HashMap<Id, String> = HashMap::new();
     let mark_pack = |bad: &mut HashMap<Id, String>, pack: &Id, why: &str| {

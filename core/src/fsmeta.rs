@@ -200,33 +200,23 @@ pub fn username() -> String {
 static USER_NAMES: Mutex<Option<HashMap<u32, Option<String>>>> = Mutex::new(None);
 static GROUP_NAMES: Mutex<Option<HashMap<u32, Option<String>>>> = Mutex::new(None);
 
-/// The name of user `uid`, cached (backups look up the same few IDs millions of times).
-pub fn user_name(uid: u32) -> Option<String> {
-    let mut cache = USER_NAMES.lock().expect("user name cache poisoned");
+/// Looks `id` up once per process through `lookup` (backups ask for the same
+/// few IDs millions of times), returning the name it finds.
+fn cached_name(
+    cache: &Mutex<Option<HashMap<u32, Option<String>>>>,
+    id: u32,
+    lookup: impl FnOnce(&mut [u8]) -> Option<*const libc::c_char>,
+) -> Option<String> {
+    let mut cache = cache.lock().expect("name cache poisoned");
     cache
         .get_or_insert_with(HashMap::new)
-        .entry(uid)
+        .entry(id)
         .or_insert_with(|| {
             let mut buf = vec![0u8; 4096];
-            // SAFETY: passwd is plain data; getpwuid_r writes into it and `buf`.
-            let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-            let mut result = std::ptr::null_mut();
-            // SAFETY: all pointers are valid for the duration of the call.
-            let rc = unsafe {
-                libc::getpwuid_r(
-                    uid,
-                    &mut pwd,
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    &mut result,
-                )
-            };
-            if rc != 0 || result.is_null() {
-                return None;
-            }
-            // SAFETY: on success pw_name points into `buf`, NUL-terminated.
+            let name = lookup(&mut buf)?;
+            // SAFETY: on success the name points into `buf`, NUL-terminated.
             Some(
-                unsafe { CStr::from_ptr(pwd.pw_name) }
+                unsafe { CStr::from_ptr(name) }
                     .to_string_lossy()
                     .into_owned(),
             )
@@ -234,38 +224,44 @@ pub fn user_name(uid: u32) -> Option<String> {
         .clone()
 }
 
+/// The name of user `uid`, cached.
+pub fn user_name(uid: u32) -> Option<String> {
+    cached_name(&USER_NAMES, uid, |buf| {
+        // SAFETY: passwd is plain data; getpwuid_r writes into it and `buf`.
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result = std::ptr::null_mut();
+        // SAFETY: all pointers are valid for the duration of the call.
+        let rc = unsafe {
+            libc::getpwuid_r(
+                uid,
+                &mut pwd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut result,
+            )
+        };
+        (rc == 0 && !result.is_null()).then_some(pwd.pw_name as *const libc::c_char)
+    })
+}
+
 /// The name of group `gid`, cached.
 pub fn group_name(gid: u32) -> Option<String> {
-    let mut cache = GROUP_NAMES.lock().expect("group name cache poisoned");
-    cache
-        .get_or_insert_with(HashMap::new)
-        .entry(gid)
-        .or_insert_with(|| {
-            let mut buf = vec![0u8; 4096];
-            // SAFETY: group is plain data; getgrgid_r writes into it and `buf`.
-            let mut grp: libc::group = unsafe { std::mem::zeroed() };
-            let mut result = std::ptr::null_mut();
-            // SAFETY: all pointers are valid for the duration of the call.
-            let rc = unsafe {
-                libc::getgrgid_r(
-                    gid,
-                    &mut grp,
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    &mut result,
-                )
-            };
-            if rc != 0 || result.is_null() {
-                return None;
-            }
-            // SAFETY: on success gr_name points into `buf`, NUL-terminated.
-            Some(
-                unsafe { CStr::from_ptr(grp.gr_name) }
-                    .to_string_lossy()
-                    .into_owned(),
+    cached_name(&GROUP_NAMES, gid, |buf| {
+        // SAFETY: group is plain data; getgrgid_r writes into it and `buf`.
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut result = std::ptr::null_mut();
+        // SAFETY: all pointers are valid for the duration of the call.
+        let rc = unsafe {
+            libc::getgrgid_r(
+                gid,
+                &mut grp,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut result,
             )
-        })
-        .clone()
+        };
+        (rc == 0 && !result.is_null()).then_some(grp.gr_name as *const libc::c_char)
+    })
 }
 
 /// True when `name` is a safe single path component: not empty, not `.` or

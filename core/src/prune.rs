@@ -212,17 +212,7 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
             index_packs.entry(p.id).or_insert(p);
         }
     }
-    let stored: HashMap<Id, crate::backend::ObjectInfo> = backend
-        .list("data/")?
-        .into_iter()
-        .filter_map(|o| {
-            o.key
-                .rsplit('/')
-                .next()
-                .and_then(|n| n.parse().ok())
-                .map(|id| (id, o))
-        })
-        .collect();
+    let stored: HashMap<Id, crate::backend::ObjectInfo> = repo.stored_packs()?;
     report.packs_total = stored.len();
 
     let index = index.build();

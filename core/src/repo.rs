@@ -486,6 +486,23 @@ impl Repository {
             .collect())
     }
 
+    /// Every pack in storage, by ID, with its size and time (keys under
+    /// `data/` that are not pack names are ignored).
+    pub fn stored_packs(&self) -> Result<HashMap<Id, crate::backend::ObjectInfo>> {
+        Ok(self
+            .backend
+            .list("data/")?
+            .into_iter()
+            .filter_map(|o| {
+                o.key
+                    .rsplit('/')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .map(|id| (id, o))
+            })
+            .collect())
+    }
+
     /// Loads every index object into one in-memory index.
     pub fn load_index(&self) -> Result<Index> {
         // A prune may replace index objects while we read them: it writes the
