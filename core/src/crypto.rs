@@ -162,11 +162,6 @@ impl MasterKey {
         }
     }
 
-    /// A hasher for the blob ID of data arriving in pieces.
-    pub fn blob_hasher(&self) -> blake3::Hasher {
-        blake3::Hasher::new_keyed(&self.chunk_key)
-    }
-
     /// A MAC over `bytes` (authenticates the plaintext config).
     pub fn mac(&self, bytes: &[u8]) -> String {
         hex::encode(blake3::keyed_hash(&self.mac_key, bytes).as_bytes())

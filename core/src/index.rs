@@ -210,11 +210,6 @@ impl Index {
         self.entries.is_empty()
     }
 
-    /// Iterates over every blob and its location, in ID order.
-    pub fn iter(&self) -> impl Iterator<Item = (&Id, &BlobLocation)> {
-        self.entries.iter().map(|(id, loc)| (id, loc))
-    }
-
     /// A copy without the given packs (used to ignore packs that a pending
     /// prune has condemned, so new backups do not reuse their blobs).
     pub fn without_packs(&self, condemned: &std::collections::HashSet<Id>) -> Index {

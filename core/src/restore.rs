@@ -11,9 +11,10 @@
 //! Data is read pack by pack on one thread per core: each pack is fetched
 //! and decrypted once, and every blob in it is written to every place it
 //! occurs. A file whose blobs cannot be read is reported and removed; the
-//! other files still restore. Because complete files carry the snapshot's
-//! size and mtime, a second run after an interruption skips them and
-//! rewrites only what is missing.
+//! other files still restore. Files appear under their final names only
+//! when complete, so a second run after an interruption finds them, checks
+//! each by hashing it against the snapshot (size and mtime alone are not
+//! trusted), skips those that match and rewrites only what is missing.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
