@@ -944,9 +944,9 @@ fn run(
     let started_at = chrono::Utc::now();
     let clock = std::time::Instant::now();
     let excludes = Excludes::new(&opts.excludes)?;
-    let full_index = repo.load_index()?;
+    let index = repo.load_index()?;
     let (plans_seen, condemned) = crate::prune::condemned_packs(repo)?;
-    let index = full_index.without_packs(&condemned);
+    let index = index.without_packs(&condemned);
     let cache = match &opts.cache_dir {
         Some(dir) => Some(FileCache::open(dir, &repo.config().id)?),
         None => None,

@@ -212,9 +212,9 @@ impl Index {
 
     /// A copy without the given packs (used to ignore packs that a pending
     /// prune has condemned, so new backups do not reuse their blobs).
-    pub fn without_packs(&self, condemned: &std::collections::HashSet<Id>) -> Index {
+    pub fn without_packs(self, condemned: &std::collections::HashSet<Id>) -> Index {
         if condemned.is_empty() {
-            return self.clone();
+            return self;
         }
         let mut b = IndexBuilder::new();
         let mut by_pack: HashMap<u32, Vec<PackEntry>> = HashMap::new();
