@@ -814,3 +814,39 @@ fn a_hostile_device_node_cannot_chmod_through_an_earlier_symlink() {
 }
 
 use std::os::unix::fs::MetadataExt;
+
+#[test]
+fn a_file_whose_blob_is_not_indexed_fails_alone_and_the_restore_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repository::init(
+        Arc::new(LocalBackend::new(tmp.path().join("repo"))),
+        "pw",
+        &opts(),
+    )
+    .unwrap();
+    let absent = Id::of_bytes(b"never stored");
+    let root = forge_snapshot(
+        &repo,
+        &[serde_json::json!({"nodes": [
+            node("lost", "file", serde_json::json!({"size": 10, "content": [absent.to_hex(), absent.to_hex()]})),
+            node("ok", "file", serde_json::json!({})),
+        ]})],
+    );
+    let target = tmp.path().join("target");
+    let r = restore(
+        &repo,
+        &root,
+        &RestoreOptions {
+            target: target.clone(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(r.failures.len(), 1, "{r:?}");
+    assert!(
+        r.failures[0].reason.contains("missing from the index"),
+        "{r:?}"
+    );
+    assert!(!target.join("lost").exists());
+    assert!(target.join("ok").exists());
+}

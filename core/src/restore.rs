@@ -382,10 +382,12 @@ pub fn restore(
 
     // Phase 3: data, pack by pack.
     let mut by_pack: HashMap<u32, PackPlan> = HashMap::new();
-    let mut missing: Vec<(usize, Id)> = Vec::new();
+    // (job, missing blob, how many of the file's blobs were not placed).
+    let mut missing: Vec<(usize, Id, usize)> = Vec::new();
     for (j, job) in jobs.iter().enumerate() {
         let mut offset = 0u64;
-        for id in &entries[job.entry].node.content {
+        let content = &entries[job.entry].node.content;
+        for (i, id) in content.iter().enumerate() {
             match index.get(id) {
                 Some((_, loc)) => {
                     by_pack
@@ -398,7 +400,7 @@ pub fn restore(
                     offset += loc.raw_length as u64;
                 }
                 None => {
-                    missing.push((j, *id));
+                    missing.push((j, *id, content.len() - i));
                     // Without the blob we do not know its length; the file fails anyway.
                     break;
                 }
@@ -479,17 +481,12 @@ pub fn restore(
             finalize(j, handle);
         }
     };
-    for (j, id) in &missing {
-        fail(*j, format!("blob {} is missing from the index", id.short()));
-        // Count down every blob of the file so it finalizes (as failed).
-        let n = jobs[*j].remaining.load(Ordering::Acquire);
-        let placed: usize = by_pack
-            .values()
-            .flat_map(|m| m.values())
-            .map(|(_, t)| t.iter().filter(|(jj, _)| jj == j).count())
-            .sum();
-        for _ in 0..(n - placed) {
-            blob_done(*j, None);
+    for &(j, id, unplaced) in &missing {
+        fail(j, format!("blob {} is missing from the index", id.short()));
+        // The blobs never handed to a pack count down here, so the file
+        // still finalizes (as failed) once the placed ones are written.
+        for _ in 0..unplaced {
+            blob_done(j, None);
         }
     }
     for (j, job) in jobs.iter().enumerate() {
