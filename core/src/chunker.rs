@@ -56,18 +56,6 @@ mod tests {
         max: 4096,
     };
 
-    fn data(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect()
-    }
-
     /// A reader that returns at most the next of `sizes` bytes per call.
     struct Choppy<'a> {
         data: &'a [u8],
@@ -97,7 +85,7 @@ mod tests {
             seed in any::<u64>(),
             sizes in proptest::collection::vec(1usize..5000, 1..8),
         ) {
-            let d = data(len, seed);
+            let d = crate::testutil::pseudo_random(len, seed);
             let whole = chunks(d.as_slice(), 7);
             let choppy = chunks(Choppy { data: &d, sizes, i: 0 }, 7);
             prop_assert_eq!(&whole, &choppy);
@@ -113,7 +101,7 @@ mod tests {
             at in 0usize..30_000,
             insert in proptest::collection::vec(any::<u8>(), 1..300),
         ) {
-            let d = data(60_000, seed);
+            let d = crate::testutil::pseudo_random(60_000, seed);
             let mut changed = d.clone();
             changed.splice(at..at, insert.iter().copied());
             let a = chunks(d.as_slice(), 7);
@@ -142,7 +130,7 @@ mod tests {
 
     #[test]
     fn the_seed_changes_the_boundaries() {
-        let d = data(200_000, 3);
+        let d = crate::testutil::pseudo_random(200_000, 3);
         assert_ne!(chunks(d.as_slice(), 1), chunks(d.as_slice(), 2));
     }
 }

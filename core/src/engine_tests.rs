@@ -27,23 +27,33 @@ fn opts() -> InitOptions {
     }
 }
 
-fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+/// Restores `tree` into `target` with default options.
+fn restore_to(
+    repo: &Repository,
+    tree: &Id,
+    target: &Path,
+    overwrite: bool,
+) -> crate::Result<crate::restore::RestoreReport> {
+    restore(
+        repo,
+        tree,
+        &RestoreOptions {
+            target: target.to_path_buf(),
+            overwrite,
+            ..Default::default()
+        },
+    )
 }
 
 /// A small tree: text files, a multi-chunk random file, a subdirectory, a symlink.
 fn make_tree(root: &Path, seed: u64) {
     std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
     std::fs::write(root.join("a.txt"), format!("hello {seed}\n").repeat(1000)).unwrap();
-    std::fs::write(root.join("sub/big.bin"), random(6 * 1024 * 1024, seed)).unwrap();
+    std::fs::write(
+        root.join("sub/big.bin"),
+        crate::testutil::pseudo_random(6 * 1024 * 1024, seed),
+    )
+    .unwrap();
     std::fs::write(root.join("sub/deeper/empty"), b"").unwrap();
     std::os::unix::fs::symlink("../a.txt", root.join("sub/link")).unwrap();
 }
@@ -219,7 +229,11 @@ fn an_interrupted_backup_leaves_no_snapshot_and_its_uploads_are_reused() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(src.join("big"), random(12 * 1024 * 1024, 9)).unwrap();
+    std::fs::write(
+        src.join("big"),
+        crate::testutil::pseudo_random(12 * 1024 * 1024, 9),
+    )
+    .unwrap();
     let local = LocalBackend::new(tmp.path().join("repo"));
     Repository::init(Arc::new(local.clone()), "pw", &opts()).unwrap();
     let dying = Arc::new(DiesAfter {
@@ -549,15 +563,7 @@ fn a_hostile_snapshot_cannot_write_outside_the_target() {
             &[serde_json::json!({"nodes": [node(bad_name, "file", serde_json::json!({}))]})],
         );
         // The unreadable listing is reported as a failure; nothing is written.
-        let r = restore(
-            &repo,
-            &root,
-            &RestoreOptions {
-                target: target.clone(),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let r = restore_to(&repo, &root, &target, false).unwrap();
         assert!(
             r.failures
                 .iter()
@@ -577,15 +583,7 @@ fn a_hostile_snapshot_cannot_write_outside_the_target() {
             serde_json::json!({"nodes": [node("x", "file", serde_json::json!({}))]}),
         ],
     );
-    let r = restore(
-        &repo,
-        &dup,
-        &RestoreOptions {
-            target: target.clone(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let r = restore_to(&repo, &dup, &target, false).unwrap();
     assert!(
         r.failures
             .iter()
@@ -604,15 +602,7 @@ fn a_hostile_snapshot_cannot_write_outside_the_target() {
             serde_json::json!({"nodes": [node("a", "symlink", serde_json::json!({"target": outside.to_str().unwrap()}))]}),
         ],
     );
-    restore(
-        &repo,
-        &link,
-        &RestoreOptions {
-            target: target.clone(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    restore_to(&repo, &link, &target, false).unwrap();
     let through = forge_snapshot(
         &repo,
         &[
@@ -620,26 +610,9 @@ fn a_hostile_snapshot_cannot_write_outside_the_target() {
             serde_json::json!({"nodes": [node("x", "file", serde_json::json!({}))]}),
         ],
     );
-    let r = restore(
-        &repo,
-        &through,
-        &RestoreOptions {
-            target: target.clone(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let r = restore_to(&repo, &through, &target, false).unwrap();
     assert_eq!(r.conflicts.len(), 1, "{r:?}");
-    let r = restore(
-        &repo,
-        &through,
-        &RestoreOptions {
-            target: target.clone(),
-            overwrite: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let r = restore_to(&repo, &through, &target, true).unwrap();
     assert!(r.conflicts.is_empty() && r.failures.is_empty(), "{r:?}");
     assert!(
         std::fs::symlink_metadata(target.join("a"))
@@ -785,30 +758,14 @@ fn a_hostile_device_node_cannot_chmod_through_an_earlier_symlink() {
             serde_json::json!({"nodes": [node("x", "symlink", serde_json::json!({"target": victim.to_str().unwrap()}))]}),
         ],
     );
-    restore(
-        &repo,
-        &link,
-        &RestoreOptions {
-            target: target.clone(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    restore_to(&repo, &link, &target, false).unwrap();
     let dev = forge_snapshot(
         &repo,
         &[
             serde_json::json!({"nodes": [node("x", "chardev", serde_json::json!({"rdev": 0, "mode": 0o666}))]}),
         ],
     );
-    let _ = restore(
-        &repo,
-        &dev,
-        &RestoreOptions {
-            target: target.clone(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let _ = restore_to(&repo, &dev, &target, false).unwrap();
     let mode = std::fs::metadata(&victim).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the file behind the symlink kept its mode");
 }
@@ -833,15 +790,7 @@ fn a_file_whose_blob_is_not_indexed_fails_alone_and_the_restore_finishes() {
         ]})],
     );
     let target = tmp.path().join("target");
-    let r = restore(
-        &repo,
-        &root,
-        &RestoreOptions {
-            target: target.clone(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let r = restore_to(&repo, &root, &target, false).unwrap();
     assert_eq!(r.failures.len(), 1, "{r:?}");
     assert!(
         r.failures[0].reason.contains("missing from the index"),

@@ -48,3 +48,20 @@ pub use tree::{Bytes, Node, NodeKind, Snapshot, Summary, Tree};
 
 #[cfg(test)]
 mod engine_tests;
+
+/// Helpers shared by the unit tests.
+#[cfg(test)]
+mod testutil {
+    /// Deterministic, incompressible bytes (xorshift64).
+    pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+}

@@ -274,18 +274,6 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
     #[test]
     fn raw_frames_decode_with_the_zstd_library() {
         for len in [
@@ -296,7 +284,7 @@ mod tests {
             MAX_BLOCK + 1,
             3 * MAX_BLOCK + 77,
         ] {
-            let data = pseudo_random(len, len as u64);
+            let data = crate::testutil::pseudo_random(len, len as u64);
             let mut frame = Vec::new();
             raw_frame(&data, &mut frame);
             assert_eq!(decode_blob(&frame, len as u32).unwrap(), data, "len {len}");
@@ -306,7 +294,7 @@ mod tests {
     #[test]
     fn incompressible_data_is_stored_raw_and_text_is_compressed() {
         let mut enc = BlobEncoder::new(3);
-        let random = pseudo_random(100_000, 7);
+        let random = crate::testutil::pseudo_random(100_000, 7);
         let mut out = Vec::new();
         enc.encode_into(&random, &mut out);
         assert!(out.len() <= random.len() + 64, "random data stored raw");
