@@ -47,6 +47,14 @@ pub struct FileCache {
 /// Entries written per transaction.
 const BATCH: usize = 4096;
 
+/// True for SQLite errors that mean another connection holds the lock.
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy) | Some(rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
 /// True for SQLite errors that mean the file is damaged (as opposed to busy).
 fn is_damage(e: &rusqlite::Error) -> bool {
     matches!(
@@ -76,24 +84,46 @@ impl FileCache {
     }
 
     fn open_at(path: &Path) -> Result<FileCache> {
-        let err = |source| Error::Cache {
-            path: path.to_path_buf(),
-            source,
-        };
-        let conn = Connection::open(path).map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(60))
-            .map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(err)?;
-        let version: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(err)?;
+        // Switching to WAL and creating the schema need a write lock, and
+        // SQLite answers "locked" at once (without its busy handler) while
+        // another backup on this host does the same; try again for a while.
+        let mut attempts = 0;
+        loop {
+            match Self::setup(path) {
+                Err(e) if is_busy(&e) && attempts < 600 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(source) => {
+                    return Err(Error::Cache {
+                        path: path.to_path_buf(),
+                        source,
+                    })
+                }
+                Ok(conn) => {
+                    return Ok(FileCache {
+                        conn,
+                        path: path.to_path_buf(),
+                        pending: std::cell::RefCell::new(Vec::new()),
+                        reading: std::cell::Cell::new(false),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Opens the database in WAL mode with the current schema.
+    fn setup(path: &Path) -> rusqlite::Result<Connection> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(60))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version != SCHEMA_VERSION {
-            conn.execute_batch(
-                "BEGIN IMMEDIATE;
-                 DROP TABLE IF EXISTS files;
+            conn.execute_batch("BEGIN IMMEDIATE")?;
+            let created = conn
+                .execute_batch(
+                    "DROP TABLE IF EXISTS files;
                  CREATE TABLE files (
                      path BLOB PRIMARY KEY,
                      size INTEGER NOT NULL,
@@ -102,18 +132,17 @@ impl FileCache {
                      inode INTEGER NOT NULL,
                      content BLOB NOT NULL
                  ) WITHOUT ROWID;",
-            )
-            .map_err(err)?;
-            conn.pragma_update(None, "user_version", SCHEMA_VERSION)
-                .map_err(err)?;
-            conn.execute_batch("COMMIT").map_err(err)?;
+                )
+                .and_then(|()| conn.pragma_update(None, "user_version", SCHEMA_VERSION));
+            match created {
+                Ok(()) => conn.execute_batch("COMMIT")?,
+                Err(e) => {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    return Err(e);
+                }
+            }
         }
-        Ok(FileCache {
-            conn,
-            path: path.to_path_buf(),
-            pending: std::cell::RefCell::new(Vec::new()),
-            reading: std::cell::Cell::new(false),
-        })
+        Ok(conn)
     }
 
     fn err(&self, source: rusqlite::Error) -> Error {

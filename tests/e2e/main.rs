@@ -34,7 +34,20 @@ fn every_kind_of_metadata_survives_backup_and_restore() {
     let src = tmp.path().join("src");
     std::fs::create_dir(&src).unwrap();
     let created = make_metadata_tree(&src);
-    eprintln!("metadata cases created: {created:?}");
+    // Each case the tree could not create would go untested: fail instead
+    // of passing quietly. Devices and foreign ownership need root.
+    assert!(
+        created.xattrs && created.fifo,
+        "xattrs or FIFO could not be created here: {created:?}"
+    );
+    if unsafe { libc::geteuid() } == 0 {
+        assert!(
+            created.devices && created.chown,
+            "as root, device nodes and chown must work: {created:?}"
+        );
+    } else {
+        eprintln!("not root: device nodes and foreign ownership are not exercised ({created:?})");
+    }
     let lb = new_repo(tmp.path());
     lb.ok(&["backup", src.to_str().unwrap()]);
     let target = tmp.path().join("restored");
@@ -201,32 +214,26 @@ fn stdin_backups_round_trip_through_dump() {
     let lb = new_repo(tmp.path());
     let dump_src = tmp.path().join("db.sql");
     write_random_file(&dump_src, 2 << 20, 7);
-    let mut cmd = Command::new(util::lifeboat_bin());
-    cmd.args([
-        "--repo",
-        lb.repo.to_str().unwrap(),
-        "backup",
-        "--stdin",
-        "--stdin-filename",
-        "db.sql",
-        "--tag",
-        "db",
-    ])
-    .env("LIFEBOAT_PASSPHRASE", lb.passphrase.as_deref().unwrap())
-    .env("LIFEBOAT_CACHE_DIR", &lb.cache)
-    .stdin(std::fs::File::open(&dump_src).unwrap());
-    let out = cmd.output().unwrap();
+    let out = lb
+        .command()
+        .args([
+            "backup",
+            "--stdin",
+            "--stdin-filename",
+            "db.sql",
+            "--tag",
+            "db",
+        ])
+        .stdin(std::fs::File::open(&dump_src).unwrap())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    let mut dump = Command::new(util::lifeboat_bin());
-    dump.args([
-        "--repo",
-        lb.repo.to_str().unwrap(),
-        "dump",
-        "latest",
-        "/db.sql",
-    ])
-    .env("LIFEBOAT_PASSPHRASE", lb.passphrase.as_deref().unwrap());
-    let out = dump.output().unwrap();
+    let out = lb
+        .command()
+        .args(["dump", "latest", "/db.sql"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         out.stdout == std::fs::read(&dump_src).unwrap(),
@@ -479,17 +486,15 @@ fn two_processes_back_up_into_one_repository_at_the_same_time() {
         .iter()
         .enumerate()
         .map(|(i, src)| {
-            Command::new(util::lifeboat_bin())
+            // Both share one cache directory, as two backups on one host do.
+            lb.command()
                 .args([
-                    "--repo",
-                    lb.repo.to_str().unwrap(),
                     "backup",
                     "--host",
                     &format!("host{i}"),
                     src.to_str().unwrap(),
                 ])
-                .env("LIFEBOAT_PASSPHRASE", lb.passphrase.as_deref().unwrap())
-                .env("LIFEBOAT_CACHE_DIR", tmp.path().join(format!("cache{i}")))
+                .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
@@ -543,10 +548,9 @@ fn init_accepts_a_relative_one_word_repository_path() {
 fn ctrl_c_exits_130_and_leaves_the_repository_valid() {
     let tmp = tempfile::tempdir().unwrap();
     let lb = new_repo(tmp.path());
-    let mut child = Command::new(util::lifeboat_bin())
-        .args(["--repo", lb.repo.to_str().unwrap(), "backup", "--stdin"])
-        .env("LIFEBOAT_PASSPHRASE", lb.passphrase.as_deref().unwrap())
-        .env("LIFEBOAT_CACHE_DIR", &lb.cache)
+    let mut child = lb
+        .command()
+        .args(["backup", "--stdin"])
         .stdin(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -223,11 +223,13 @@ impl Lb {
         }
     }
 
-    /// Runs `lifeboat --repo <repo> <args>` to completion and returns its
-    /// exit status and captured output, whatever they are.
-    pub fn run(&self, args: &[&OsStr]) -> Output {
+    /// `lifeboat --repo <repo>` with this repository's environment: the
+    /// passphrase in `LIFEBOAT_PASSPHRASE` (or none), `LIFEBOAT_CACHE_DIR`,
+    /// a cheap key derivation, and no controlling terminal. Callers add
+    /// arguments and choose stdin and outputs.
+    pub fn command(&self) -> Command {
         let mut cmd = Command::new(lifeboat_bin());
-        cmd.arg("--repo").arg(&self.repo).args(args);
+        cmd.arg("--repo").arg(&self.repo);
         // Settings from the developer's own environment must not leak into
         // the tests, so every inherited LIFEBOAT_* variable is dropped first.
         for (key, _) in std::env::vars_os() {
@@ -240,8 +242,7 @@ impl Lb {
             None => cmd.env_remove("LIFEBOAT_PASSPHRASE"),
         };
         cmd.env("LIFEBOAT_CACHE_DIR", &self.cache)
-            .env("LIFEBOAT_KDF_WORK_FACTOR", "10")
-            .stdin(Stdio::null());
+            .env("LIFEBOAT_KDF_WORK_FACTOR", "10");
         // A new session has no controlling terminal, so a passphrase prompt
         // that opens /dev/tty fails at once instead of hanging a test run
         // started from an interactive shell.
@@ -257,7 +258,16 @@ impl Lb {
                 }
             });
         }
-        cmd.output()
+        cmd
+    }
+
+    /// Runs `lifeboat --repo <repo> <args>` to completion and returns its
+    /// exit status and captured output, whatever they are.
+    pub fn run(&self, args: &[&OsStr]) -> Output {
+        self.command()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
             .unwrap_or_else(|e| panic!("cannot run {:?}: {e}", lifeboat_bin()))
     }
 
