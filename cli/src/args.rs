@@ -20,6 +20,12 @@ EXIT CODES:
 
 ENVIRONMENT:
     LIFEBOAT_REPOSITORY       repository location (instead of --repo)
+    LIFEBOAT_S3_ENDPOINT, LIFEBOAT_S3_REGION, LIFEBOAT_S3_PATH_STYLE,
+    LIFEBOAT_CONNECTIONS, LIFEBOAT_RETRY_SECS
+                              the options of the same names
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE,
+    AWS_REGION                S3 credentials and region, as every AWS tool reads
+                              them (also ~/.aws/credentials and instance roles)
     LIFEBOAT_PASSPHRASE       the passphrase (instead of a prompt)
     LIFEBOAT_PASSPHRASE_FILE  file holding the passphrase (instead of --passphrase-file)
     LIFEBOAT_NEW_PASSPHRASE   new passphrase for `key add` and `key passwd`
@@ -42,9 +48,37 @@ pub struct Cli {
 /// Options shared by all commands.
 #[derive(Debug, Args)]
 pub struct Global {
-    /// Repository location (a local directory).
+    /// Repository location: a local directory, `s3://BUCKET/PREFIX` (AWS,
+    /// or the endpoint from --s3-endpoint), or
+    /// `s3:http://HOST:PORT/BUCKET/PREFIX` (an S3-compatible store).
     #[arg(short = 'r', long, global = true, env = "LIFEBOAT_REPOSITORY")]
     pub repo: Option<PathBuf>,
+    /// S3 endpoint URL for S3-compatible stores (Garage, MinIO, Ceph, R2...);
+    /// implies path-style addressing unless --s3-path-style=false.
+    #[arg(long, global = true, env = "LIFEBOAT_S3_ENDPOINT", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region (default: AWS_REGION or the AWS profile, else us-east-1).
+    #[arg(long, global = true, env = "LIFEBOAT_S3_REGION", value_name = "REGION")]
+    pub s3_region: Option<String>,
+    /// Address buckets as ENDPOINT/BUCKET (path style) instead of BUCKET.ENDPOINT.
+    #[arg(
+        long,
+        global = true,
+        env = "LIFEBOAT_S3_PATH_STYLE",
+        value_name = "BOOL"
+    )]
+    pub s3_path_style: Option<bool>,
+    /// Requests kept in flight to the store at once (default: 8 for S3, 2 for a directory).
+    #[arg(long, global = true, env = "LIFEBOAT_CONNECTIONS", value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub connections: Option<u16>,
+    /// How long to keep retrying a failing request before giving up, in seconds.
+    #[arg(long, global = true, env = "LIFEBOAT_RETRY_SECS", value_name = "SECS", default_value_t = 120,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub retry_secs: u64,
+    /// Log more: -v shows retries and store capabilities, -vv every decision.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     /// Read the passphrase from this file (first line).
     #[arg(long, global = true, env = "LIFEBOAT_PASSPHRASE_FILE")]
     pub passphrase_file: Option<PathBuf>,

@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use lifeboat_core::backend::LocalBackend;
+use lifeboat_core::backend::resilience::{resilient, ResiliencePolicy};
+use lifeboat_core::backend::{LocalBackend, S3Backend, S3Options};
 use lifeboat_core::backup::{BackupOptions, Progress, StdinSource};
 use lifeboat_core::check::CheckOptions;
 use lifeboat_core::prune::PruneOptions;
@@ -37,11 +38,50 @@ pub fn run(cli: Cli) -> Result<u8> {
     }
 }
 
+/// Opens the repository's store, wrapped in the resilience layers (retry,
+/// circuit breaker, concurrency limit, timeouts; see
+/// `lifeboat_core::backend::resilience`).
 fn backend(g: &Global) -> Result<Arc<dyn Backend>> {
+    open_backend(g, false)
+}
+
+fn open_backend(g: &Global, create_bucket: bool) -> Result<Arc<dyn Backend>> {
     let repo = g.repo.clone().ok_or_else(|| {
-        anyhow!("no repository given: use --repo PATH or set LIFEBOAT_REPOSITORY")
+        anyhow!("no repository given: use --repo PATH (or s3://BUCKET/PREFIX) or set LIFEBOAT_REPOSITORY")
     })?;
-    Ok(Arc::new(LocalBackend::new(repo)))
+    let mut policy = ResiliencePolicy::default();
+    policy.retry.max_elapsed = std::time::Duration::from_secs(g.retry_secs);
+    let store: Arc<dyn Backend> = match repo.to_str().filter(|r| r.starts_with("s3:")) {
+        Some(url) => {
+            let mut opts = S3Options::from_url(url).map_err(|e| anyhow!(e))?;
+            if let Some(endpoint) = &g.s3_endpoint {
+                opts.endpoint = Some(endpoint.clone());
+            }
+            opts.region = g.s3_region.clone();
+            if g.s3_path_style.is_some() {
+                opts.path_style = g.s3_path_style;
+            }
+            if let Some(n) = g.connections {
+                opts.connections = n as usize;
+            }
+            // The S3 backend enforces its own per-request deadlines, which
+            // cancel the connection; the generic timeout layer would only
+            // abandon a thread.
+            policy.timeout = None;
+            policy.max_in_flight = opts.connections * 2;
+            if create_bucket && S3Backend::create_bucket(&opts)? && !g.quiet {
+                eprintln!("created bucket {}", opts.bucket);
+            }
+            Arc::new(S3Backend::connect(opts)?)
+        }
+        None => {
+            if let Some(n) = g.connections {
+                policy.max_in_flight = n as usize;
+            }
+            Arc::new(LocalBackend::new(repo))
+        }
+    };
+    Ok(resilient(store, &policy).backend)
 }
 
 /// Reads a passphrase: from a file, the environment, or a prompt.
@@ -122,7 +162,7 @@ fn print_json(v: &serde_json::Value) -> Result<()> {
 }
 
 fn init(g: &Global, a: &InitArgs) -> Result<u8> {
-    let b = backend(g)?;
+    let b = open_backend(g, true)?;
     let p = passphrase(
         g.passphrase_file.as_ref(),
         "LIFEBOAT_PASSPHRASE",

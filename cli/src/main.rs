@@ -22,6 +22,7 @@ fn main() -> ExitCode {
     tune_allocator();
     exit_130_on_interrupt();
     let cli = args::Cli::parse();
+    output::init_logging(cli.global.verbose, cli.global.quiet);
     let json = cli.global.json;
     match commands::run(cli) {
         Ok(code) => ExitCode::from(code),

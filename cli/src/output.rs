@@ -99,3 +99,44 @@ impl Drop for ProgressLine {
 pub fn ok() -> anyhow::Result<u8> {
     Ok(OK)
 }
+
+/// Log lines from the core (retries, the circuit breaker, store
+/// capabilities) go to stderr as `lifeboat: warning: ...`. Warnings show by
+/// default, errors only under `--quiet`, more with `-v` and `-vv`.
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        // Only our own crates log: the AWS SDK's internals are not for users.
+        if !self.enabled(record.metadata()) || !record.target().starts_with("lifeboat") {
+            return;
+        }
+        let level = match record.level() {
+            log::Level::Error => "error",
+            log::Level::Warn => "warning",
+            log::Level::Info => "info",
+            log::Level::Debug | log::Level::Trace => "debug",
+        };
+        eprintln!("lifeboat: {level}: {}", record.args());
+    }
+
+    fn flush(&self) {}
+}
+
+/// Installs the stderr logger at the level the flags ask for.
+pub fn init_logging(verbose: u8, quiet: bool) {
+    static LOGGER: StderrLogger = StderrLogger;
+    let level = match (quiet, verbose) {
+        (true, _) => log::LevelFilter::Error,
+        (false, 0) => log::LevelFilter::Warn,
+        (false, 1) => log::LevelFilter::Info,
+        (false, _) => log::LevelFilter::Debug,
+    };
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(level);
+    }
+}

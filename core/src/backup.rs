@@ -185,6 +185,9 @@ struct Shared<'r> {
     packers: Mutex<HashMap<BlobKind, PackBuilder>>,
     unindexed: Mutex<Vec<IndexPack>>,
     written_packs: Mutex<Vec<Id>>,
+    /// Hands sealed packs to the upload threads; `None` once they are told
+    /// to finish (the last partly filled packs then upload inline).
+    uploads: Mutex<Option<Sender<SealedPack>>>,
     error: Mutex<Option<Error>>,
     blobs_added: AtomicU64,
     raw_added: AtomicU64,
@@ -203,25 +206,49 @@ impl Shared<'_> {
         self.error.lock().expect("error slot poisoned").is_some()
     }
 
-    /// Encrypts and uploads a full pack, then records it for the index.
+    /// Encrypts a full pack and hands it to an upload thread (or uploads it
+    /// here once those have finished).
     fn flush_pack(&self, pack: PackBuilder, progress: &Progress) -> Result<()> {
         let kind = pack.kind();
         let (plain, header) = pack.finish();
         let ciphertext = self.repo.recipients().encrypt(&plain);
         drop(plain);
-        let id = Id::of_bytes(&ciphertext);
-        put_with_retry(self.repo, &pack_key(&id), &ciphertext)?;
+        let sealed = SealedPack {
+            id: Id::of_bytes(&ciphertext),
+            kind,
+            blobs: header.blobs,
+            ciphertext,
+        };
+        let sender = self.uploads.lock().expect("poisoned").clone();
+        match sender {
+            Some(tx) => match tx.send(sealed) {
+                Ok(()) => Ok(()),
+                // The upload threads only stop early after an error, which
+                // the caller finds in the error slot.
+                Err(returned) => self.upload_pack(returned.into_inner(), progress),
+            },
+            None => self.upload_pack(sealed, progress),
+        }
+    }
+
+    /// Stores a sealed pack, then records it for the index; every fourth
+    /// pack writes an index object so an interrupted backup leaves its
+    /// uploaded packs usable by the next one.
+    fn upload_pack(&self, pack: SealedPack, progress: &Progress) -> Result<()> {
+        self.repo
+            .backend()
+            .put(&pack_key(&pack.id), &pack.ciphertext)?;
         progress
             .bytes_stored
-            .fetch_add(ciphertext.len() as u64, Ordering::Relaxed);
-        self.written_packs.lock().expect("poisoned").push(id);
+            .fetch_add(pack.ciphertext.len() as u64, Ordering::Relaxed);
+        self.written_packs.lock().expect("poisoned").push(pack.id);
         let full = {
             let mut unindexed = self.unindexed.lock().expect("poisoned");
             unindexed.push(IndexPack {
-                id,
-                kind,
-                size: ciphertext.len() as u64,
-                blobs: header.blobs,
+                id: pack.id,
+                kind: pack.kind,
+                size: pack.ciphertext.len() as u64,
+                blobs: pack.blobs,
             });
             if unindexed.len() >= PACKS_PER_INDEX {
                 std::mem::take(&mut *unindexed)
@@ -242,22 +269,27 @@ impl Shared<'_> {
     }
 }
 
-/// Retries a put a few times on temporary errors. (The general retry and
-/// circuit-breaker wrappers come with the S3 backend; a local disk rarely
-/// needs this.)
-fn put_with_retry(repo: &Repository, key: &str, data: &[u8]) -> Result<()> {
-    let mut delay = std::time::Duration::from_millis(100);
-    for attempt in 0.. {
-        match repo.backend().put(key, data) {
-            Ok(_) => return Ok(()),
-            Err(e) if e.is_temporary() && attempt < 4 => {
-                std::thread::sleep(delay);
-                delay *= 2;
-            }
-            Err(e) => return Err(e.into()),
+/// An encrypted pack waiting for upload.
+struct SealedPack {
+    id: Id,
+    kind: BlobKind,
+    blobs: Vec<crate::pack::PackEntry>,
+    ciphertext: Vec<u8>,
+}
+
+/// Uploads sealed packs until the channel closes. The backend's
+/// concurrency decides how many of these run: a remote store hides its
+/// latency behind several requests in flight, while the compression workers
+/// go on with the next pack.
+fn uploader(shared: &Shared<'_>, rx: Receiver<SealedPack>, progress: &Progress) {
+    for pack in rx {
+        if shared.failed() {
+            continue;
+        }
+        if let Err(e) = shared.upload_pack(pack, progress) {
+            shared.fail(e);
         }
     }
-    unreachable!("the loop returns")
 }
 
 struct Job {
@@ -956,6 +988,7 @@ fn run(
         packers: Mutex::new(HashMap::new()),
         unindexed: Mutex::new(Vec::new()),
         written_packs: Mutex::new(Vec::new()),
+        uploads: Mutex::new(None),
         error: Mutex::new(None),
         blobs_added: AtomicU64::new(0),
         raw_added: AtomicU64::new(0),
@@ -988,12 +1021,25 @@ fn run(
         progress,
         started: std::time::SystemTime::now(),
     };
+    // A rendezvous channel: a sealed pack waits in its worker until an
+    // upload thread takes it, so memory holds at most one pack per thread.
+    let (uploads_tx, uploads_rx) = bounded::<SealedPack>(0);
+    *shared.uploads.lock().expect("poisoned") = Some(uploads_tx);
+    let upload_threads = repo.backend().concurrency().clamp(1, 64);
     let (paths, root) = std::thread::scope(|s| -> Result<(Vec<String>, Id)> {
-        for _ in 0..workers {
-            let rx = rx.clone();
+        for _ in 0..upload_threads {
+            let rx = uploads_rx.clone();
             let shared = &shared;
-            s.spawn(move || worker(shared, rx, level, pack_size, progress));
+            s.spawn(move || uploader(shared, rx, progress));
         }
+        drop(uploads_rx);
+        let compressors: Vec<_> = (0..workers)
+            .map(|_| {
+                let rx = rx.clone();
+                let shared = &shared;
+                s.spawn(move || worker(shared, rx, level, pack_size, progress))
+            })
+            .collect();
         drop(rx);
         // File readers: read, chunk and hash files in parallel, feeding the
         // compression workers above.
@@ -1073,9 +1119,16 @@ fn run(
             let root = walker.store_blob(BlobKind::Tree, tree.to_bytes())?;
             Ok((paths, root))
         })();
-        // Closing the channels lets the readers, then the workers, drain and exit.
+        // Closing the channels lets the readers, then the workers, then the
+        // upload threads drain and exit.
         walker.files = None;
         storer.close();
+        for handle in compressors {
+            if let Err(panic) = handle.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+        shared.uploads.lock().expect("poisoned").take();
         result
     })?;
     walker.check_workers()?;

@@ -188,14 +188,18 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
             0usize,
             0usize,
         ));
-        let _ = crate::parallel::map(packs, |pack_id| {
-            let (errs, bad, verified) = verify_pack(repo, &pack_id, index_packs.get(&pack_id));
-            let mut r = results.lock().expect("poisoned");
-            r.0.extend(errs);
-            r.1.extend(bad);
-            r.2 += verified;
-            r.3 += 1;
-        });
+        let _ = crate::parallel::map(
+            packs,
+            crate::parallel::io_threads(repo.backend()),
+            |pack_id| {
+                let (errs, bad, verified) = verify_pack(repo, &pack_id, index_packs.get(&pack_id));
+                let mut r = results.lock().expect("poisoned");
+                r.0.extend(errs);
+                r.1.extend(bad);
+                r.2 += verified;
+                r.3 += 1;
+            },
+        );
         let (errs, bad, verified, read) = results.into_inner().expect("poisoned");
         report.errors.extend(errs);
         for (k, v) in bad {

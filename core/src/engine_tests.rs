@@ -8,6 +8,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::backend::resilience::{
+    resilient, BreakerPolicy, FaultPolicy, Faulty, ResiliencePolicy, RetryPolicy,
+};
 use crate::backend::{Backend, BackendError, LocalBackend, ObjectInfo, PutOutcome};
 use crate::backup::{backup, BackupOptions, Progress};
 use crate::check::{check, CheckOptions};
@@ -798,4 +801,136 @@ fn a_file_whose_blob_is_not_indexed_fails_alone_and_the_restore_finishes() {
     );
     assert!(!target.join("lost").exists());
     assert!(target.join("ok").exists());
+}
+
+/// A repository whose store answers through `Faulty` behind the retry,
+/// breaker and limiter layers the binary uses, with delays short enough for
+/// a unit test.
+fn through_faults(
+    store: Arc<dyn Backend>,
+    faults: FaultPolicy,
+    max_elapsed: std::time::Duration,
+) -> (Repository, Arc<Faulty>) {
+    let faulty = Arc::new(Faulty::new(store, faults));
+    let policy = ResiliencePolicy {
+        retry: RetryPolicy {
+            max_attempts: 30,
+            base_delay: std::time::Duration::from_millis(1),
+            max_delay: std::time::Duration::from_millis(20),
+            max_elapsed,
+        },
+        breaker: BreakerPolicy {
+            failure_threshold: 5,
+            cool_down: std::time::Duration::from_millis(50),
+            max_cool_down: std::time::Duration::from_millis(200),
+        },
+        ..ResiliencePolicy::default()
+    };
+    let stack = resilient(faulty.clone(), &policy).backend;
+    (Repository::open(stack, "pw").unwrap(), faulty)
+}
+
+#[test]
+fn a_backup_through_a_store_failing_one_request_in_ten_completes_and_restores_equal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src, 31);
+    let store: Arc<dyn Backend> = Arc::new(LocalBackend::new(tmp.path().join("repo")));
+    Repository::init(store.clone(), "pw", &opts()).unwrap();
+    // One request in ten goes wrong: refused before it reaches the store,
+    // lost after the store acted on it, or answered with a truncated body.
+    let faults = FaultPolicy {
+        error_rate: 0.04,
+        error_after_rate: 0.03,
+        truncate_rate: 0.03,
+        latency: std::time::Duration::from_millis(1),
+        seed: 7,
+    };
+    std::fs::write(
+        src.join("more.bin"),
+        crate::testutil::pseudo_random(16 * 1024 * 1024, 33),
+    )
+    .unwrap();
+    let (repo, faulty) = through_faults(store, faults, std::time::Duration::from_secs(30));
+    let first = backup_dir(&repo, &src, None).unwrap();
+    std::fs::write(src.join("a.txt"), "changed\n".repeat(5000)).unwrap();
+    std::fs::write(
+        src.join("sub/new.bin"),
+        crate::testutil::pseudo_random(3 * 1024 * 1024, 32),
+    )
+    .unwrap();
+    let second = backup_dir(&repo, &src, None).unwrap();
+    let out = tmp.path().join("out");
+    let r = restore_to(&repo, &second.snapshot.tree, &out, false).unwrap();
+    assert!(r.failures.is_empty() && r.conflicts.is_empty(), "{r:?}");
+    same_files(&src, &restored_root(&out, &src));
+    let out1 = tmp.path().join("out1");
+    let r = restore_to(&repo, &first.snapshot.tree, &out1, false).unwrap();
+    assert!(r.failures.is_empty(), "{r:?}");
+    let c = check(
+        &repo,
+        &CheckOptions {
+            read_data: true,
+            subset_percent: None,
+        },
+    )
+    .unwrap();
+    assert!(c.errors.is_empty(), "{:?}", c.errors);
+    assert!(
+        faulty.injected() >= 5,
+        "faults were injected ({} of {} calls)",
+        faulty.injected(),
+        faulty.calls()
+    );
+}
+
+#[test]
+fn a_backup_gives_up_in_bounded_time_when_the_store_goes_down_and_the_repository_stays_valid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let before = tmp.path().join("before");
+    make_tree(&before, 41);
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    for i in 0..12 {
+        std::fs::write(
+            src.join(format!("{i}.bin")),
+            crate::testutil::pseudo_random(4 * 1024 * 1024, 50 + i),
+        )
+        .unwrap();
+    }
+    let store: Arc<dyn Backend> = Arc::new(LocalBackend::new(tmp.path().join("repo")));
+    Repository::init(store.clone(), "pw", &opts()).unwrap();
+    let faults = FaultPolicy {
+        latency: std::time::Duration::from_millis(20),
+        ..FaultPolicy::default()
+    };
+    let (repo, faulty) = through_faults(store, faults, std::time::Duration::from_secs(2));
+    let kept = backup_dir(&repo, &before, None).unwrap();
+    let started = std::time::Instant::now();
+    let result = std::thread::scope(|s| {
+        let job = s.spawn(|| backup_dir(&repo, &src, None));
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        faulty.set_down(true);
+        job.join().unwrap()
+    });
+    let elapsed = started.elapsed();
+    let err = result.expect_err("a backup into a dead store fails");
+    assert!(
+        elapsed < std::time::Duration::from_secs(20),
+        "gave up after {elapsed:?}"
+    );
+    assert!(
+        err.to_string().contains("gave up") || err.to_string().contains("circuit breaker"),
+        "{err}"
+    );
+    faulty.set_down(false);
+    // The breaker lets a probe through after its cool-down.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let c = check(&repo, &CheckOptions::default()).unwrap();
+    assert!(c.errors.is_empty(), "{:?}", c.errors);
+    assert_eq!(repo.snapshots().unwrap().len(), 1, "no half snapshot");
+    let out = tmp.path().join("out");
+    let r = restore_to(&repo, &kept.snapshot.tree, &out, false).unwrap();
+    assert!(r.failures.is_empty(), "{r:?}");
+    same_files(&before, &restored_root(&out, &before));
 }

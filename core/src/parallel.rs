@@ -2,8 +2,8 @@
 //! snapshot objects), bounded to a few threads so a repository with thousands
 //! of objects does not spawn thousands of threads.
 
-/// Applies `f` to every item on up to `worker_count()` threads, preserving order.
-pub fn map<T, R, F>(items: Vec<T>, f: F) -> Vec<R>
+/// Applies `f` to every item on up to `threads` threads, preserving order.
+pub fn map<T, R, F>(items: Vec<T>, threads: usize, f: F) -> Vec<R>
 where
     T: Send,
     R: Send,
@@ -13,7 +13,7 @@ where
     if n <= 1 {
         return items.into_iter().map(f).collect();
     }
-    let threads = worker_count().min(n);
+    let threads = threads.clamp(1, n);
     let queue = std::sync::Mutex::new(items.into_iter().enumerate());
     let results = std::sync::Mutex::new((0..n).map(|_| None).collect::<Vec<Option<R>>>());
     std::thread::scope(|s| {
@@ -40,4 +40,11 @@ pub fn worker_count() -> usize {
         .map(|n| n.get())
         .unwrap_or(2)
         .max(2)
+}
+
+/// Threads for work that waits on the store (loading objects, reading packs
+/// for restore and check): at least one per core, more when the backend
+/// serves many requests at once, so network latency overlaps.
+pub fn io_threads(backend: &std::sync::Arc<dyn crate::Backend>) -> usize {
+    worker_count().max(backend.concurrency().min(64))
 }

@@ -186,6 +186,18 @@ pub fn pack_key(id: &Id) -> String {
 /// Reads the config object, checking the format version before anything else
 /// so that a repository from a newer lifeboat is refused with a clear message.
 fn read_config(backend: &dyn Backend) -> Result<Config> {
+    // A damaged read is tried again, as for every other object (see
+    // `Repository::get_named`); lasting damage is reported as it is.
+    let mut attempt = 0;
+    loop {
+        match read_config_once(backend) {
+            Err(Error::Corrupt { .. }) if attempt < 2 => attempt += 1,
+            other => return other,
+        }
+    }
+}
+
+fn read_config_once(backend: &dyn Backend) -> Result<Config> {
     let bytes = match backend.get("config", None) {
         Ok(b) => b,
         Err(BackendError::NotFound { .. }) => {
@@ -287,7 +299,14 @@ impl Repository {
         config.mac = key.mac(&config.mac_input());
         let key_name = write_key(backend.as_ref(), &key, passphrase, opts.kdf_work_factor)?;
         let bytes = serde_json::to_vec_pretty(&config).expect("config serialises");
-        if backend.put("config", &bytes)? == PutOutcome::AlreadyExists {
+        // On a store that does not enforce put-if-absent (see the S3
+        // backend), two racing inits could both see `Created`; reading the
+        // config back tells the loser, which then stops before using a key
+        // the repository does not carry.
+        if backend.put("config", &bytes)? == PutOutcome::AlreadyExists
+            || backend.get("config", None)? != bytes
+        {
+            let _ = backend.delete(&format!("keys/{key_name}"));
             return Err(Error::AlreadyInitialised {
                 location: backend.location(),
             });
@@ -448,16 +467,36 @@ impl Repository {
         Ok(id)
     }
 
+    /// Reads an object named by the hash of its bytes. A copy that does not
+    /// match its name is read again (twice at most) before it counts as
+    /// damaged: a transport that silently truncates or flips a byte looks
+    /// exactly like bit rot on the first read, and only a second read tells
+    /// them apart. Returns the bytes and whether they match.
+    fn get_named(&self, key: &str, id: &Id, what: &dyn Fn() -> String) -> Result<(Vec<u8>, bool)> {
+        let mut attempt = 0;
+        loop {
+            let bytes = match self.backend.get(key, None) {
+                Ok(b) => b,
+                Err(e) if e.is_not_found() => return Err(Error::Missing { object: what() }),
+                Err(e) => return Err(e.into()),
+            };
+            if Id::of_bytes(&bytes) == *id {
+                return Ok((bytes, true));
+            }
+            attempt += 1;
+            if attempt == 3 {
+                return Ok((bytes, false));
+            }
+            log::warn!("{} read back damaged; reading it again", what());
+        }
+    }
+
     /// Loads and decrypts a JSON object, checking that its bytes match its name.
     pub fn load_json<T: DeserializeOwned>(&self, prefix: &str, id: &Id) -> Result<T> {
         let key = format!("{prefix}/{id}");
         let what = || format!("{prefix} object {}", id.short());
-        let ciphertext = match self.backend.get(&key, None) {
-            Ok(b) => b,
-            Err(e) if e.is_not_found() => return Err(Error::Missing { object: what() }),
-            Err(e) => return Err(e.into()),
-        };
-        if Id::of_bytes(&ciphertext) != *id {
+        let (ciphertext, intact) = self.get_named(&key, id, &what)?;
+        if !intact {
             return Err(Error::corrupt(what(), "content does not match its name"));
         }
         let compressed = self.key.decrypt(&ciphertext, &what)?;
@@ -514,14 +553,15 @@ impl Repository {
             // Each index object is merged as soon as it is parsed, so the
             // parsed objects are never all in memory at once.
             let builder = Mutex::new(crate::index::IndexBuilder::new());
-            let results = crate::parallel::map(ids, |id| {
-                let file = self.load_json::<IndexFile>("index", &id)?;
-                builder
-                    .lock()
-                    .expect("index builder poisoned")
-                    .add_file(&file);
-                Ok::<(), Error>(())
-            });
+            let results =
+                crate::parallel::map(ids, crate::parallel::io_threads(self.backend()), |id| {
+                    let file = self.load_json::<IndexFile>("index", &id)?;
+                    builder
+                        .lock()
+                        .expect("index builder poisoned")
+                        .add_file(&file);
+                    Ok::<(), Error>(())
+                });
             let mut vanished = false;
             for r in results {
                 match r {
@@ -543,9 +583,11 @@ impl Repository {
     /// Loads every snapshot, oldest first.
     pub fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
         let ids = self.list_ids("snapshots")?;
-        let loaded = crate::parallel::map(ids.clone(), |id| {
-            self.load_json::<Snapshot>("snapshots", &id)
-        });
+        let loaded = crate::parallel::map(
+            ids.clone(),
+            crate::parallel::io_threads(self.backend()),
+            |id| self.load_json::<Snapshot>("snapshots", &id),
+        );
         let mut out = Vec::with_capacity(ids.len());
         for (id, snap) in ids.into_iter().zip(loaded) {
             out.push((id, snap?));
@@ -577,12 +619,8 @@ impl Repository {
     /// Reads, verifies and decrypts a whole pack.
     pub fn read_pack(&self, id: &Id) -> Result<Vec<u8>> {
         let what = || format!("pack {}", id.short());
-        let bytes = match self.backend.get(&pack_key(id), None) {
-            Ok(b) => b,
-            Err(e) if e.is_not_found() => return Err(Error::Missing { object: what() }),
-            Err(e) => return Err(e.into()),
-        };
-        if Id::of_bytes(&bytes) != *id {
+        let (bytes, intact) = self.get_named(&pack_key(id), id, &what)?;
+        if !intact {
             return Err(Error::corrupt(
                 what(),
                 "content does not match its name (checksum mismatch)",
@@ -597,12 +635,8 @@ impl Repository {
     /// verify each blob against its ID.
     pub fn read_pack_salvage(&self, id: &Id) -> Result<SalvagedPack> {
         let what = || format!("pack {}", id.short());
-        let bytes = match self.backend.get(&pack_key(id), None) {
-            Ok(b) => b,
-            Err(e) if e.is_not_found() => return Err(Error::Missing { object: what() }),
-            Err(e) => return Err(e.into()),
-        };
-        if Id::of_bytes(&bytes) == *id {
+        let (bytes, intact) = self.get_named(&pack_key(id), id, &what)?;
+        if intact {
             if let Ok(plain) = self.key.decrypt(&bytes, &what) {
                 return Ok(SalvagedPack {
                     plain,
@@ -687,9 +721,21 @@ impl Repository {
 }
 
 fn load_key_file(backend: &dyn Backend, key: &str) -> Result<KeyFile> {
-    let bytes = backend.get(key, None)?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| Error::corrupt(key.to_string(), format!("invalid key file: {e}")))
+    let mut attempt = 0;
+    loop {
+        let bytes = backend.get(key, None)?;
+        match serde_json::from_slice(&bytes) {
+            Ok(file) => return Ok(file),
+            // Read again before calling it damaged (see `get_named`).
+            Err(_) if attempt < 2 => attempt += 1,
+            Err(e) => {
+                return Err(Error::corrupt(
+                    key.to_string(),
+                    format!("invalid key file: {e}"),
+                ))
+            }
+        }
+    }
 }
 
 fn write_key(

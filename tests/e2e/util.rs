@@ -211,6 +211,8 @@ pub struct Lb {
     pub cache: PathBuf,
     /// The passphrase passed as `LIFEBOAT_PASSPHRASE`; `None` removes it.
     pub passphrase: Option<String>,
+    /// Extra environment, e.g. an S3 endpoint and credentials.
+    pub env: Vec<(String, String)>,
 }
 
 impl Lb {
@@ -220,6 +222,18 @@ impl Lb {
             repo: base.join("repo"),
             cache: base.join("cache"),
             passphrase: passphrase.map(str::to_owned),
+            env: Vec::new(),
+        }
+    }
+
+    /// Uses the repository `url` (e.g. `s3://bucket/prefix`) with `env`
+    /// (endpoint and credentials) and `base/cache` as the cache.
+    pub fn remote(base: &Path, url: &str, env: Vec<(String, String)>, passphrase: &str) -> Self {
+        Self {
+            repo: PathBuf::from(url),
+            cache: base.join("cache"),
+            passphrase: Some(passphrase.to_owned()),
+            env,
         }
     }
 
@@ -243,6 +257,9 @@ impl Lb {
         };
         cmd.env("LIFEBOAT_CACHE_DIR", &self.cache)
             .env("LIFEBOAT_KDF_WORK_FACTOR", "10");
+        for (key, value) in &self.env {
+            cmd.env(key, value);
+        }
         // A new session has no controlling terminal, so a passphrase prompt
         // that opens /dev/tty fails at once instead of hanging a test run
         // started from an interactive shell.

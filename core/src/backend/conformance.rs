@@ -164,10 +164,17 @@ fn concurrent_puts_of_one_key_leave_one_whole_object(b: &dyn Backend) {
             .filter(|o| *o == PutOutcome::Created)
             .count()
     });
-    assert_eq!(
-        created, 1,
-        "exactly one of several racing puts creates the object"
-    );
+    if b.exclusive_create() {
+        assert_eq!(
+            created, 1,
+            "exactly one of several racing puts creates the object"
+        );
+    } else {
+        // A store without enforced conditional writes (Garage) can only
+        // check, then write: racing writers may each see no object. The
+        // repository never depends on this (see `Backend::exclusive_create`).
+        assert!(created >= 1, "at least one racing put creates the object");
+    }
     let got = b.get("conf/race", None).unwrap();
     assert!(
         payloads.contains(&got),

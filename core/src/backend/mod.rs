@@ -4,7 +4,7 @@
 //! repository format above it is designed so that these five are all it needs:
 //! every object name is content-derived or random, objects are never rewritten,
 //! and a snapshot becomes visible only when its last object is written. That is
-//! what lets a local directory, an in-memory map and (later) S3 share one
+//! what lets a local directory, an in-memory map and S3 share one
 //! contract and one conformance suite ([`conformance`]), in the manner of
 //! restic's `backend/test.Suite`.
 //!
@@ -19,9 +19,12 @@ use std::time::SystemTime;
 pub mod conformance;
 mod local;
 mod mem;
+pub mod resilience;
+mod s3;
 
 pub use local::LocalBackend;
 pub use mem::MemoryBackend;
+pub use s3::{Capabilities, S3Backend, S3Credentials, S3Options};
 
 /// What a successful [`Backend::put`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +110,8 @@ impl BackendError {
 ///   segment is empty, `.` or `..`.
 /// * [`put`](Backend::put) is *put-if-absent* and atomic: readers see either
 ///   no object or the whole object, never a prefix. If the key exists the
-///   stored object is left untouched and `AlreadyExists` is returned. Because
+///   stored object is left untouched and `AlreadyExists` is returned (for
+///   two puts racing on one key, see [`Backend::exclusive_create`]). Because
 ///   every name in a repository is content-derived or random, a retried put is
 ///   idempotent. When `put` returns, the object is durable.
 /// * [`get`](Backend::get) returns the whole object or the given byte range;
@@ -133,6 +137,23 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn stat(&self, key: &str) -> Result<ObjectInfo, BackendError>;
     /// A human-readable location, e.g. the directory or URL.
     fn location(&self) -> String;
+    /// True when [`put`](Backend::put) is put-if-absent even against a
+    /// *concurrent* put of the same key (exactly one caller sees
+    /// `Created`). Stores without enforced conditional writes can only
+    /// check, then write; they never tear an object and never overwrite
+    /// one that existed before the put began, but racing writers of one key
+    /// may all see `Created`. Every repository object is named by its
+    /// content or at random, so racing writers write equal bytes; `init`
+    /// reads the config back to catch the one exception.
+    fn exclusive_create(&self) -> bool {
+        true
+    }
+    /// How many requests the store serves well at once. Engines size their
+    /// upload and download pools by it: a local disk wants few, a remote
+    /// object store many, to hide each request's latency.
+    fn concurrency(&self) -> usize {
+        2
+    }
     /// Removes leftovers of writes interrupted longer ago than `older_than`
     /// (temporary files, unfinished multipart uploads); returns how many.
     /// Stores without such leftovers keep the default.
