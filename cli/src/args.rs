@@ -17,6 +17,8 @@ EXIT CODES:
     12   wrong passphrase
     13   corruption found (check found problems, or data read was damaged)
     130  interrupted (Ctrl-C); the repository stays valid
+    141  standard output was closed by its reader (e.g. `| head`); nothing
+         else went wrong
 
 ENVIRONMENT:
     LIFEBOAT_REPOSITORY       repository location (instead of --repo)

@@ -13,12 +13,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    // A closed pipe (`lifeboat ls … | head`) ends the process quietly, as
-    // Unix tools do, instead of surfacing as an I/O error.
-    // SAFETY: resetting a signal disposition at start-up, before any threads.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    // SIGPIPE stays ignored (Rust's default): the S3 client writes to
+    // sockets with writev, which raises SIGPIPE when the store drops the
+    // connection, and that must be an error to retry, not death. A closed
+    // stdout (`lifeboat ls … | head`) is handled where it surfaces instead.
+    quiet_exit_on_closed_stdout();
     tune_allocator();
     exit_130_on_interrupt();
     let cli = args::Cli::parse();
@@ -26,6 +25,7 @@ fn main() -> ExitCode {
     let json = cli.global.json;
     match commands::run(cli) {
         Ok(code) => ExitCode::from(code),
+        Err(err) if output::is_broken_pipe(&err) => ExitCode::from(output::CLOSED_PIPE),
         Err(err) => {
             let code = output::exit_code(&err);
             output::print_error(&err, json, code);
@@ -65,4 +65,24 @@ fn exit_130_on_interrupt() {
     unsafe {
         libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
     }
+}
+
+/// `println!` panics when stdout is a closed pipe; a reader that stopped
+/// early (`head`) is not an error, so that panic ends the process quietly
+/// with the status a shell shows for SIGPIPE. Every other panic is reported
+/// as usual.
+fn quiet_exit_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.contains("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(output::CLOSED_PIPE.into());
+        }
+        default(info);
+    }));
 }

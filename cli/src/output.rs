@@ -22,6 +22,19 @@ pub const WRONG_PASSPHRASE: u8 = 12;
 /// Exit code: corruption found.
 pub const CORRUPT: u8 = 13;
 
+/// Exit status when stdout was closed early by its reader (128 + SIGPIPE,
+/// what a shell reports for a process SIGPIPE killed).
+pub const CLOSED_PIPE: u8 = 141;
+
+/// True when the error is a write to a closed stdout.
+pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// Maps an error to its documented exit code.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     match err.downcast_ref::<Error>() {

@@ -232,12 +232,102 @@ def generate(out, size_mb, seed):
     (out / ".complete").touch()
 
 
+class Garage:
+    """A single-node Garage S3 server on loopback for --s3 runs (fsync off for both tools alike).
+
+    Started with a generated config; layout, key and bucket are set up with its CLI. Server CPU
+    is not part of any tool's CPU time: it shows as CPU outside the tool in the report."""
+    BUCKET, REGION = "bench", "garage"
+
+    def __init__(self, base):
+        self.base = base
+        base.mkdir(parents=True)
+        ports = []
+        for _ in range(2):
+            import socket
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                ports.append(sock.getsockname()[1])
+        self.rpc_port, self.s3_port = ports
+        self.endpoint = f"http://127.0.0.1:{self.s3_port}"
+        self.key_id = "GK" + os.urandom(12).hex()
+        self.secret = os.urandom(32).hex()
+        self.config = base / "garage.toml"
+        self.config.write_text(
+            f'metadata_dir = "{base / "meta"}"\ndata_dir = "{base / "data"}"\ndb_engine = "sqlite"\n'
+            'metadata_fsync = false\ndata_fsync = false\ndisable_scrub = true\ncompression_level = "none"\n'
+            f'replication_factor = 1\nrpc_bind_addr = "127.0.0.1:{self.rpc_port}"\n'
+            f'rpc_public_addr = "127.0.0.1:{self.rpc_port}"\nrpc_secret = "{os.urandom(32).hex()}"\n\n'
+            f'[s3_api]\napi_bind_addr = "127.0.0.1:{self.s3_port}"\ns3_region = "{self.REGION}"\n'
+            'root_domain = ".s3.garage.localhost"\n')
+        exe = shutil.which("garage") or str(Path.home() / ".cargo" / "bin" / "garage")
+        if not Path(exe).exists():
+            sys.exit("--s3 needs garage: run `cargo install garage --locked`")
+        self.cli = [exe, "-c", str(self.config)]
+        self.log = open(base / "garage.log", "w")
+        self.proc = subprocess.Popen([*self.cli, "server"], stdout=self.log, stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, RUST_LOG="warn"))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                node = run_quiet([*self.cli, "node", "id", "-q"], timeout=30).strip().split("@")[0]
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    sys.exit(f"garage did not start; see {base / 'garage.log'}")
+                time.sleep(0.2)
+        run_quiet([*self.cli, "layout", "assign", "-z", "dc1", "-c", "10G", node])
+        run_quiet([*self.cli, "layout", "apply", "--version", "1"])
+        for attempt in range(100):
+            try:
+                run_quiet([*self.cli, "key", "import", "--yes", "-n", "bench", self.key_id, self.secret])
+                break
+            except RuntimeError as e:
+                if attempt == 99:
+                    raise
+                if "already" in str(e).lower():
+                    break
+                time.sleep(0.2)
+        run_quiet([*self.cli, "bucket", "create", self.BUCKET])
+        run_quiet([*self.cli, "bucket", "allow", "--read", "--write", "--owner", self.BUCKET, "--key", self.key_id])
+
+    def env(self):
+        """AWS-style credentials every S3 client reads, kept away from the user's own AWS config."""
+        return {"AWS_ACCESS_KEY_ID": self.key_id, "AWS_SECRET_ACCESS_KEY": self.secret,
+                "AWS_REGION": self.REGION, "AWS_DEFAULT_REGION": self.REGION,
+                "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+                "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def prefix_size(self, prefix):
+        """Sum of object sizes under prefix (boto3, which moto brings); (bytes, bytes) like dir_size."""
+        try:
+            import boto3
+        except ImportError:
+            return 0, 0
+        s3 = boto3.client("s3", endpoint_url=self.endpoint, region_name=self.REGION,
+                          aws_access_key_id=self.key_id, aws_secret_access_key=self.secret)
+        total = 0
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.BUCKET, Prefix=prefix + "/"):
+            total += sum(o["Size"] for o in page.get("Contents", []))
+        return total, total
+
+    def stop(self):
+        """Stop the server."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
 class Tool:
     """Command lines and environment for one backup program (the same seven steps each)."""
 
-    def __init__(self, name, scratch, lifeboat_bin):
+    def __init__(self, name, scratch, lifeboat_bin, garage=None):
         self.name, self.base = name, scratch / name
         self.repo = self.base / "repo"
+        self.garage = garage
         self.exe = str(lifeboat_bin) if name == "lifeboat" else name
         cache = self.base / "cache"
         env = dict(os.environ, XDG_CACHE_HOME=str(cache), XDG_CONFIG_HOME=str(self.base / "config"))
@@ -254,7 +344,16 @@ class Tool:
                      "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes"},
         }[name])
         env.pop("LIFEBOAT_PASSPHRASE_FILE", None)
+        if garage:
+            env.update(garage.env())
+            env["LIFEBOAT_REPOSITORY"] = f"s3://{garage.BUCKET}/lifeboat"
+            env["LIFEBOAT_S3_ENDPOINT"] = garage.endpoint
+            env["RESTIC_REPOSITORY"] = f"s3:{garage.endpoint}/{garage.BUCKET}/restic"
         self.env = env
+
+    def repo_size(self):
+        """(apparent, allocated) bytes of the repository: its directory, or its objects in the bucket."""
+        return self.garage.prefix_size(self.name) if self.garage else dir_size(self.repo)
 
     def version(self):
         """The tool's own version string."""
@@ -342,7 +441,9 @@ def report(meta, results):
                    f"({d['dirs']} dirs, {d['symlinks']} symlinks)")
     out.append(f"- Page cache warmed: read every file of A and B once ({meta['warm_s']:.1f} s) before the first step")
     out.append(f"- Peak RSS from os.wait4 ru_maxrss; a no-op child measures {meta['rss_floor_mib']:.0f} MiB (the floor)")
-    out += ["- Repo size = apparent bytes (sum of st_size) of the repository directory after the step", ""]
+    out.append(f"- Repositories in: {meta.get('store', 'local directories')}")
+    out += ["- Repo size = apparent bytes (sum of st_size) of the repository directory (or of its S3 objects) "
+            "after the step", ""]
     tools = list(results)
     head = ["step"] + [f"{t} {c}" for t in tools for c in ("wall s", "CPU s", "RSS MiB", "repo MiB")]
     head += ["lifeboat ÷ best peer: wall", "÷ best: RSS", "÷ best: size"]
@@ -388,7 +489,14 @@ def main():
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build first")
     ap.add_argument("--keep", action="store_true", help="keep repositories and restored trees")
     ap.add_argument("--json", type=Path, metavar="FILE", help="also write raw numbers as JSON")
+    ap.add_argument("--s3", action="store_true",
+                    help="repositories in a loopback Garage S3 server instead of directories (lifeboat and restic; "
+                         "borg has no S3 support)")
     args = ap.parse_args()
+    if args.s3 and args.tools == ",".join(TOOLS):
+        args.tools = "lifeboat,restic"
+    if args.s3 and "borg" in args.tools.split(","):
+        ap.error("--s3: borg cannot write to S3; use --tools lifeboat,restic")
     if not set(args.tools.split(",")) <= set(TOOLS):
         ap.error(f"--tools: choose from {','.join(TOOLS)}")
     launcher = Launcher()  # started while this process is still small
@@ -423,7 +531,13 @@ def main():
                    "symlinks": sum(v[0] == "l" for v in m.values())}
     del want_b
     largest = max((p for p, v in want_a.items() if v[0] == "f"), key=lambda p: want_a[p][1])
-    tools = [Tool(n, scratch, args.lifeboat.resolve()) for n in args.tools.split(",")]
+    garage = Garage(scratch / "garage") if args.s3 else None
+    if garage:
+        log(f"garage S3 server at {garage.endpoint}, bucket {garage.BUCKET}")
+        meta_store = f"Garage S3 on loopback ({garage.endpoint})"
+    else:
+        meta_store = "local directories"
+    tools = [Tool(n, scratch, args.lifeboat.resolve(), garage) for n in args.tools.split(",")]
     versions = {t.name: t.version() for t in tools}
     if "lifeboat" in versions:
         try:
@@ -433,7 +547,7 @@ def main():
         except (RuntimeError, OSError):
             pass
     floor = launcher.run(["true"], dict(os.environ), None, os.devnull, 60)["rss_mib"]
-    meta = {"versions": versions, "data": data, "rss_floor_mib": floor,
+    meta = {"versions": versions, "data": data, "rss_floor_mib": floor, "store": meta_store,
             "warm_s": warm_s, "largest_file": largest, "timeout_s": args.timeout}
     wait = args.settle - (time.monotonic() - deleted_at)
     if wait > 0:
@@ -469,7 +583,7 @@ def main():
                 log(f"{tool.name}: {step}: FAILED ({why}); skipping its remaining steps")
                 break
             if step in BACKUP_STEPS:
-                r["repo_bytes"], r["repo_alloc_bytes"] = dir_size(tool.repo)
+                r["repo_bytes"], r["repo_alloc_bytes"] = tool.repo_size()
             if step.startswith("restore"):
                 problems = compare(want_a, str(target) + str(a), largest if step == STEPS[5] else None)
                 r["verified"] = not problems
@@ -479,6 +593,8 @@ def main():
             log(f"{tool.name}: {step}: {r['wall']:.1f} s wall, {r['cpu']:.1f} s CPU, {r['rss_mib']:.0f} MiB"
                 + (" VERIFIED" if r.get("verified") else ""))
     launcher.close()
+    if garage:
+        garage.stop()
     print(report(meta, results))
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2))

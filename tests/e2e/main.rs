@@ -578,3 +578,45 @@ fn ctrl_c_exits_130_and_leaves_the_repository_valid() {
         "no snapshot from an interrupted backup"
     );
 }
+
+#[test]
+fn a_reader_closing_the_pipe_early_ends_ls_quietly() {
+    // Regression: with SIGPIPE at its default the S3 client died on a
+    // dropped connection; with it ignored, `println!` must not panic when
+    // the reader of stdout goes away.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    for i in 0..3000 {
+        std::fs::write(
+            src.join(format!("a-file-with-a-rather-long-name-{i:05}.txt")),
+            b"x",
+        )
+        .unwrap();
+    }
+    let lb = new_repo(tmp.path());
+    lb.ok(&["backup", src.to_str().unwrap()]);
+    let mut child = lb
+        .command()
+        .args(["ls", "latest"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        matches!(out.status.code(), Some(0 | 141)),
+        "exits on its own, not killed by SIGPIPE: {:?}: {}",
+        out.status,
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).is_empty(),
+        "nothing on stderr: {}",
+        stderr(&out)
+    );
+}

@@ -17,7 +17,7 @@ use lifeboat_core::backend::{conformance, Backend, S3Backend, S3Options};
 
 use crate::servers::{Garage, Moto, S3Target};
 use crate::util::{assert_trees_equal, write_random_file, Lb};
-use crate::{code, stderr, under};
+use crate::{stderr, under};
 
 const PASSPHRASE: &str = "correct horse battery staple";
 
@@ -372,7 +372,12 @@ fn a_backup_fails_in_bounded_time_when_the_store_goes_away_and_the_repository_st
         "the backup against a dead store",
     );
     let err = stderr(&out);
-    assert_eq!(code(&out), 1, "a storage failure exits 1: {err}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a storage failure exits 1 ({:?}): {err}",
+        out.status
+    );
     assert!(
         err.contains(&target.endpoint) || err.contains("gave up"),
         "the message says what failed and where: {err}"

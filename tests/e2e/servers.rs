@@ -261,7 +261,8 @@ impl Garage {
     }
 
     /// Kills node `i` (SIGKILL) — a node failing. Its data stays for
-    /// [`Garage::restart_node`].
+    /// [`Garage::restart_node`]. The other nodes find out only seconds later
+    /// (see [`Garage::wait_node_down`]).
     pub fn stop_node(&mut self, i: usize) {
         self.check_index(i);
         let mut child = self.nodes[i]
@@ -271,6 +272,50 @@ impl Garage {
         // The node may already have died on its own; waiting reaps it either way.
         let _ = child.kill();
         let _ = child.wait();
+    }
+
+    /// Waits until every running node counts the stopped node `i` as failed.
+    /// Garage notices a killed peer only by its pings (about 7.5 s on garage
+    /// 2.5, on loopback); until then, requests that involve the dead node
+    /// can stall. [`Garage::stop_node`] does not wait, as a real failure
+    /// would not either; a test that needs the cluster to know calls this.
+    pub fn wait_node_down(&self, i: usize) {
+        self.check_index(i);
+        assert!(self.nodes[i].child.is_none(), "garage node {i} is running");
+        let id = self.nodes[i].id.clone();
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let mut last: Option<(usize, CliRun)> = None;
+        for _ in 0..MAX_POLLS {
+            let mut all = true;
+            for j in 0..self.nodes.len() {
+                if self.nodes[j].child.is_none() {
+                    continue;
+                }
+                let run = self.cli(j, &["status"]);
+                let still_up = !run.success()
+                    || healthy_ids(&run.stdout)
+                        .iter()
+                        .any(|prefix| id.starts_with(prefix.as_str()));
+                if still_up {
+                    all = false;
+                    last = Some((j, run));
+                    break;
+                }
+            }
+            if all {
+                return;
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            sleep(POLL);
+        }
+        let (j, run) = last.expect("a failed poll was recorded");
+        panic!(
+            "garage node {j} still counts stopped node {i} as up after {STARTUP_TIMEOUT:?}: {}\n{}",
+            run.describe(),
+            self.log_excerpt(j)
+        );
     }
 
     /// Restarts node `i` with the same configuration, ports and data, and
