@@ -190,7 +190,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
         ));
         let _ = crate::parallel::map(
             packs,
-            crate::parallel::io_threads(repo.backend()),
+            crate::parallel::pack_threads(repo.backend()),
             |pack_id| {
                 let (errs, bad, verified) = verify_pack(repo, &pack_id, index_packs.get(&pack_id));
                 let mut r = results.lock().expect("poisoned");

@@ -48,3 +48,14 @@ pub fn worker_count() -> usize {
 pub fn io_threads(backend: &std::sync::Arc<dyn crate::Backend>) -> usize {
     worker_count().max(backend.concurrency().min(64))
 }
+
+/// Threads for reading whole packs (restore, `check --read-data`). Each
+/// holds a pack's ciphertext and plaintext (about 16 MiB at the default
+/// pack size) while it works, so their number is capped at four whatever
+/// the backend's concurrency: enough to keep a remote store busy (four
+/// 8 MiB transfers in flight), while peak memory stays that of a local
+/// restore plus two packs.
+pub fn pack_threads(backend: &std::sync::Arc<dyn crate::Backend>) -> usize {
+    const PACKS_IN_FLIGHT: usize = 4;
+    worker_count().max(backend.concurrency().min(PACKS_IN_FLIGHT))
+}

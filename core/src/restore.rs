@@ -498,7 +498,7 @@ pub fn restore(
     let packs: Mutex<Vec<(u32, PackPlan)>> = Mutex::new(by_pack.into_iter().collect());
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
-        for _ in 0..crate::parallel::io_threads(repo.backend()) {
+        for _ in 0..crate::parallel::pack_threads(repo.backend()) {
             s.spawn(|| loop {
                 if stop.load(Ordering::Relaxed) {
                     break;

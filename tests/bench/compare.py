@@ -266,10 +266,11 @@ class Garage:
         self.cli = [exe, "-c", str(self.config)]
         self.log = open(base / "garage.log", "w")
         self.proc = subprocess.Popen([*self.cli, "server"], stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, RUST_LOG="warn"))
+                                     env=dict(os.environ, RUST_LOG="warn", NO_COLOR="1"))
         deadline = time.monotonic() + 60
         while True:
             try:
+                run_quiet([*self.cli, "status"], timeout=30)  # the RPC port answers
                 node = run_quiet([*self.cli, "node", "id", "-q"], timeout=30).strip().split("@")[0]
                 break
             except RuntimeError:
