@@ -13,6 +13,7 @@ EXIT CODES:
     2    invalid command line
     3    incomplete: a backup was saved but some files could not be read, or
          a restore finished but some entries failed or were left as conflicts
+    4    `status`: a source's RPO or RTO target is breached
     10   no repository at the given location
     12   wrong passphrase
     13   corruption found (check found problems, or data read was damaged)
@@ -32,6 +33,7 @@ ENVIRONMENT:
     LIFEBOAT_PASSPHRASE_FILE  file holding the passphrase (instead of --passphrase-file)
     LIFEBOAT_NEW_PASSPHRASE   new passphrase for `key add` and `key passwd`
     LIFEBOAT_CACHE_DIR        local cache directory (default ~/.cache/lifeboat)
+    LIFEBOAT_CONFIG           the agent's configuration file (default /etc/lifeboat/lifeboat.toml)
     LIFEBOAT_KDF_WORK_FACTOR  scrypt work factor (log2 N, 10-22, default 16) for keys
                               created by `init`, `key add` and `key passwd`";
 
@@ -121,6 +123,73 @@ pub enum Command {
     /// Manage the passphrases that open the repository.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Run the agent: the daemon that backs up every configured source on
+    /// schedule and keeps it within its RPO.
+    Agent(AgentArgs),
+    /// Show every configured source against its RPO and RTO targets
+    /// (exit code 4 when any target is breached).
+    Status(ConfigArgs),
+    /// Ask the running agent to run a job now and follow it (or run it here
+    /// when no agent runs): backup:SOURCE, retention or check.
+    Run(RunArgs),
+    /// Work with the agent's configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Work with the agent's catalog (its local history of runs and snapshots).
+    #[command(subcommand)]
+    Catalog(CatalogCommand),
+}
+
+/// Where the agent's configuration file is.
+#[derive(Debug, Args, Clone)]
+pub struct ConfigArgs {
+    /// The agent's configuration file.
+    #[arg(
+        long,
+        env = "LIFEBOAT_CONFIG",
+        default_value = "/etc/lifeboat/lifeboat.toml"
+    )]
+    pub config: PathBuf,
+}
+
+/// `agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The configuration file.
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Run every job that is due now once (a backup that never ran is due),
+    /// then exit; for trying a configuration out.
+    #[arg(long)]
+    pub once: bool,
+    /// Log line format on stderr: text (journald adds the time) or json.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+/// `run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The job: backup:SOURCE, retention or check.
+    pub job: String,
+    /// The configuration file.
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+/// `config` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a configuration file and report every error with its line.
+    Check(ConfigArgs),
+}
+
+/// `catalog` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CatalogCommand {
+    /// Recreate the catalog's snapshot list from the repository (after
+    /// losing the state directory, or moving to a new host).
+    Rebuild(ConfigArgs),
 }
 
 /// `init`.
@@ -133,13 +202,17 @@ pub struct InitArgs {
     /// smaller ones less memory per worker.
     #[arg(long, default_value_t = 8)]
     pub pack_size: u32,
+    /// Succeed without changing anything when a repository already exists
+    /// there (for scripts that set up a host idempotently).
+    #[arg(long)]
+    pub exists_ok: bool,
 }
 
 /// `backup`.
 #[derive(Debug, Args)]
 pub struct BackupArgs {
     /// Paths to back up.
-    #[arg(required_unless_present = "stdin")]
+    #[arg(required_unless_present_any = ["stdin", "source"])]
     pub paths: Vec<PathBuf>,
     /// Tag the snapshot (repeatable).
     #[arg(long = "tag")]
@@ -166,6 +239,17 @@ pub struct BackupArgs {
     /// Read every file, ignoring the local file cache.
     #[arg(long)]
     pub no_cache: bool,
+    /// Back up a source of the agent's configuration (through the running
+    /// agent when there is one), instead of paths.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["paths", "stdin"])]
+    pub source: Option<String>,
+    /// The agent's configuration file, for --source.
+    #[arg(
+        long,
+        env = "LIFEBOAT_CONFIG",
+        default_value = "/etc/lifeboat/lifeboat.toml"
+    )]
+    pub config: PathBuf,
 }
 
 /// Snapshot filters.

@@ -7,8 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use lifeboat_core::backend::resilience::{resilient, ResiliencePolicy};
-use lifeboat_core::backend::{LocalBackend, S3Backend, S3Options};
+use lifeboat_core::backend::{open_store, StoreOptions};
 use lifeboat_core::backup::{BackupOptions, Progress, StdinSource};
 use lifeboat_core::check::CheckOptions;
 use lifeboat_core::prune::PruneOptions;
@@ -35,6 +34,11 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Forget(a) => forget(g, a),
         Command::Prune(a) => prune(g, a),
         Command::Key(k) => key(g, k),
+        Command::Agent(a) => crate::agent_cmds::agent(g, a),
+        Command::Status(a) => crate::agent_cmds::status(g, a),
+        Command::Run(a) => crate::agent_cmds::run_job(g, &a.job, &a.config),
+        Command::Config(ConfigCommand::Check(a)) => crate::agent_cmds::config_check(g, a),
+        Command::Catalog(CatalogCommand::Rebuild(a)) => crate::agent_cmds::catalog_rebuild(g, a),
     }
 }
 
@@ -49,39 +53,16 @@ fn open_backend(g: &Global, create_bucket: bool) -> Result<Arc<dyn Backend>> {
     let repo = g.repo.clone().ok_or_else(|| {
         anyhow!("no repository given: use --repo PATH (or s3://BUCKET/PREFIX) or set LIFEBOAT_REPOSITORY")
     })?;
-    let mut policy = ResiliencePolicy::default();
-    policy.retry.max_elapsed = std::time::Duration::from_secs(g.retry_secs);
-    let store: Arc<dyn Backend> = match repo.to_str().filter(|r| r.starts_with("s3:")) {
-        Some(url) => {
-            let mut opts = S3Options::from_url(url).map_err(|e| anyhow!(e))?;
-            if let Some(endpoint) = &g.s3_endpoint {
-                opts.endpoint = Some(endpoint.clone());
-            }
-            opts.region = g.s3_region.clone();
-            if g.s3_path_style.is_some() {
-                opts.path_style = g.s3_path_style;
-            }
-            if let Some(n) = g.connections {
-                opts.connections = n as usize;
-            }
-            // The S3 backend enforces its own per-request deadlines, which
-            // cancel the connection; the generic timeout layer would only
-            // abandon a thread.
-            policy.timeout = None;
-            policy.max_in_flight = opts.connections * 2;
-            if create_bucket && S3Backend::create_bucket(&opts)? && !g.quiet {
-                eprintln!("created bucket {}", opts.bucket);
-            }
-            Arc::new(S3Backend::connect(opts)?)
-        }
-        None => {
-            if let Some(n) = g.connections {
-                policy.max_in_flight = n as usize;
-            }
-            Arc::new(LocalBackend::new(repo))
-        }
+    let opts = StoreOptions {
+        s3_endpoint: g.s3_endpoint.clone(),
+        s3_region: g.s3_region.clone(),
+        s3_path_style: g.s3_path_style,
+        s3_credentials: None,
+        connections: g.connections.map(usize::from),
+        retry_for: Some(std::time::Duration::from_secs(g.retry_secs)),
+        create_bucket,
     };
-    Ok(resilient(store, &policy).backend)
+    Ok(open_store(&repo, &opts)?.backend)
 }
 
 /// Reads a passphrase: from a file, the environment, or a prompt.
@@ -154,7 +135,7 @@ fn cache_dir(g: &Global) -> Option<PathBuf> {
     std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lifeboat"))
 }
 
-fn print_json(v: &serde_json::Value) -> Result<()> {
+pub(crate) fn print_json(v: &serde_json::Value) -> Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, v)?;
     writeln!(out)?;
@@ -175,7 +156,15 @@ fn init(g: &Global, a: &InitArgs) -> Result<u8> {
         kdf_work_factor: kdf_work_factor()?,
         ..InitOptions::default()
     };
-    let repo = Repository::init(b.clone(), &p, &opts)?;
+    let repo = match Repository::init(b.clone(), &p, &opts) {
+        Err(lifeboat_core::Error::AlreadyInitialised { location }) if a.exists_ok => {
+            if !g.quiet {
+                println!("a repository already exists at {location}; leaving it as it is");
+            }
+            return output::ok();
+        }
+        other => other?,
+    };
     if g.json {
         print_json(
             &json!({"repository": b.location(), "id": repo.config().id, "version": repo.config().version}),
@@ -192,6 +181,15 @@ fn init(g: &Global, a: &InitArgs) -> Result<u8> {
 }
 
 fn backup(g: &Global, a: &BackupArgs) -> Result<u8> {
+    if let Some(source) = &a.source {
+        return crate::agent_cmds::run_job(
+            g,
+            &format!("backup:{source}"),
+            &ConfigArgs {
+                config: a.config.clone(),
+            },
+        );
+    }
     let repo = open(g)?;
     let mut excludes = a.excludes.clone();
     for f in &a.exclude_file {

@@ -4,6 +4,7 @@
 //! humans or, with `--json`, for programs. Errors map to documented exit
 //! codes (see `EXIT CODES` in `--help`).
 
+mod agent_cmds;
 mod args;
 mod commands;
 mod output;

@@ -21,6 +21,8 @@ pub const NO_REPOSITORY: u8 = 10;
 pub const WRONG_PASSPHRASE: u8 = 12;
 /// Exit code: corruption found.
 pub const CORRUPT: u8 = 13;
+/// Exit code: interrupted (Ctrl-C, or the agent stopping a job).
+pub const INTERRUPTED: u8 = 130;
 
 /// Exit status when stdout was closed early by its reader (128 + SIGPIPE,
 /// what a shell reports for a process SIGPIPE killed).
@@ -41,6 +43,7 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         Some(Error::NoRepository { .. }) => NO_REPOSITORY,
         Some(Error::WrongPassphrase) => WRONG_PASSPHRASE,
         Some(Error::Corrupt { .. }) | Some(Error::Missing { .. }) => CORRUPT,
+        Some(Error::Interrupted) => INTERRUPTED,
         _ => FAILURE,
     }
 }
@@ -134,10 +137,28 @@ impl log::Log for StderrLogger {
             log::Level::Info => "info",
             log::Level::Debug | log::Level::Trace => "debug",
         };
-        eprintln!("lifeboat: {level}: {}", record.args());
+        if JSON_LOGS.load(Ordering::Relaxed) {
+            let line = serde_json::json!({
+                "time": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                "level": level,
+                "target": record.target(),
+                "message": record.args().to_string(),
+            });
+            eprintln!("{line}");
+        } else {
+            eprintln!("lifeboat: {level}: {}", record.args());
+        }
     }
 
     fn flush(&self) {}
+}
+
+static JSON_LOGS: AtomicBool = AtomicBool::new(false);
+
+/// Log lines as JSON objects (`time`, `level`, `target`, `message`), for
+/// log shippers; text otherwise.
+pub fn set_json_logs(json: bool) {
+    JSON_LOGS.store(json, Ordering::Relaxed);
 }
 
 /// Installs the stderr logger at the level the flags ask for.

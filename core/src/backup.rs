@@ -72,6 +72,20 @@ pub struct Progress {
     pub bytes_cached: AtomicU64,
     /// Bytes stored after compression.
     pub bytes_stored: AtomicU64,
+    /// Set it to stop the backup at the next safe point (the next file or
+    /// chunk): it then returns [`Error::Interrupted`] without a snapshot,
+    /// and what it uploaded so far is reused by the next backup.
+    pub cancel: std::sync::atomic::AtomicBool,
+}
+
+impl Progress {
+    fn check_cancel(&self) -> Result<()> {
+        if self.cancel.load(Ordering::Relaxed) {
+            Err(Error::Interrupted)
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// The outcome of a backup.
@@ -414,6 +428,7 @@ impl Storer<'_, '_> {
     }
 
     fn store_named(&self, id: Id, kind: BlobKind, data: Vec<u8>) -> Result<()> {
+        self.progress.check_cancel()?;
         if let Some((_, loc)) = self.index.get(&id) {
             self.reused_packs.lock().expect("poisoned").insert(loc.pack);
             return Ok(());
@@ -636,6 +651,7 @@ impl<'a, 'r> Walker<'a, 'r> {
         reply: &Sender<FileDone>,
     ) -> Result<Option<(Node, Option<Ticket>)>> {
         self.check_workers()?;
+        self.progress.check_cancel()?;
         let m = match std::fs::symlink_metadata(path) {
             Ok(m) => m,
             Err(e) => {

@@ -78,6 +78,10 @@ pub enum Error {
         /// The SQLite error.
         source: rusqlite::Error,
     },
+    /// The operation was stopped on request (shutdown, timeout) at a safe
+    /// point; nothing was committed.
+    #[error("interrupted before it finished; nothing was committed, and the next run reuses what was uploaded")]
+    Interrupted,
     /// The caller asked for something invalid.
     #[error("{0}")]
     Invalid(String),

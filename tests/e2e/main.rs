@@ -2,6 +2,7 @@
 //! and local repositories, the way an operator uses it. Each test names the
 //! behaviour it proves; shared helpers are in `util`.
 
+mod agent;
 mod s3;
 mod servers;
 mod util;

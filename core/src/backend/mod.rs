@@ -166,6 +166,77 @@ pub trait Backend: Send + Sync + fmt::Debug {
     }
 }
 
+/// How to reach a repository's store, beyond its location: what the CLI's
+/// flags and the agent's configuration give.
+#[derive(Debug, Clone, Default)]
+pub struct StoreOptions {
+    /// Endpoint of an S3-compatible store; `None` is AWS (or the URL's own).
+    pub s3_endpoint: Option<String>,
+    /// S3 region; `None` takes the AWS configuration's.
+    pub s3_region: Option<String>,
+    /// Path-style addressing; `None` decides by the endpoint.
+    pub s3_path_style: Option<bool>,
+    /// Explicit S3 credentials; `None` uses the standard AWS chain.
+    pub s3_credentials: Option<S3Credentials>,
+    /// Requests in flight at once; `None` is the store's default.
+    pub connections: Option<usize>,
+    /// How long to keep retrying a failing request; `None` is the default.
+    pub retry_for: Option<std::time::Duration>,
+    /// Create a missing S3 bucket (for `init`).
+    pub create_bucket: bool,
+}
+
+/// Opens the store at `location` (a directory, `s3://BUCKET/PREFIX` or
+/// `s3:http://HOST:PORT/BUCKET/PREFIX`) wrapped in the resilience layers
+/// (see [`resilience`]). The returned handle also observes the circuit
+/// breaker.
+pub fn open_store(
+    location: &std::path::Path,
+    opts: &StoreOptions,
+) -> Result<resilience::Resilient, BackendError> {
+    let mut policy = resilience::ResiliencePolicy::default();
+    if let Some(retry_for) = opts.retry_for {
+        policy.retry.max_elapsed = retry_for;
+    }
+    let store: std::sync::Arc<dyn Backend> =
+        match location.to_str().filter(|r| r.starts_with("s3:")) {
+            Some(url) => {
+                let mut s3 =
+                    S3Options::from_url(url).map_err(|message| BackendError::Permanent {
+                        key: String::new(),
+                        message,
+                    })?;
+                if let Some(endpoint) = &opts.s3_endpoint {
+                    s3.endpoint = Some(endpoint.clone());
+                }
+                s3.region = opts.s3_region.clone();
+                if opts.s3_path_style.is_some() {
+                    s3.path_style = opts.s3_path_style;
+                }
+                if let Some(n) = opts.connections {
+                    s3.connections = n.max(1);
+                }
+                s3.credentials = opts.s3_credentials.clone();
+                // The S3 backend enforces its own per-request deadlines,
+                // which cancel the connection; the generic timeout layer
+                // would only abandon a thread.
+                policy.timeout = None;
+                policy.max_in_flight = s3.connections * 2;
+                if opts.create_bucket && S3Backend::create_bucket(&s3)? {
+                    log::info!("created bucket {}", s3.bucket);
+                }
+                std::sync::Arc::new(S3Backend::connect(s3)?)
+            }
+            None => {
+                if let Some(n) = opts.connections {
+                    policy.max_in_flight = n.max(1);
+                }
+                std::sync::Arc::new(LocalBackend::new(location))
+            }
+        };
+    Ok(resilience::resilient(store, &policy))
+}
+
 /// Checks that `key` obeys the key grammar in the [`Backend`] contract.
 pub(crate) fn validate_key(key: &str) -> Result<(), BackendError> {
     let ok = !key.is_empty()

@@ -178,7 +178,9 @@ pub struct Capabilities {
 /// A [`Backend`] storing objects in an S3 bucket under a prefix.
 pub struct S3Backend {
     client: Client,
-    runtime: tokio::runtime::Runtime,
+    /// Always `Some` until drop, which shuts it down without blocking (a
+    /// backend may be dropped inside someone else's async context).
+    runtime: Option<tokio::runtime::Runtime>,
     opts: S3Options,
     caps: Capabilities,
 }
@@ -189,6 +191,14 @@ impl fmt::Debug for S3Backend {
             .field("location", &self.location())
             .field("caps", &self.caps)
             .finish()
+    }
+}
+
+impl Drop for S3Backend {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
@@ -217,7 +227,7 @@ impl S3Backend {
         let client = runtime.block_on(make_client(&opts));
         let mut backend = S3Backend {
             client,
-            runtime,
+            runtime: Some(runtime),
             opts,
             caps: Capabilities {
                 conditional_writes: false,
@@ -306,7 +316,8 @@ impl S3Backend {
         fut: impl std::future::Future<Output = Result<T, Failure>>,
     ) -> Result<T, Failure> {
         let deadline = self.deadline(bytes);
-        self.runtime.block_on(async {
+        let runtime = self.runtime.as_ref().expect("runtime lives until drop");
+        runtime.block_on(async {
             match tokio::time::timeout(deadline, fut).await {
                 Ok(result) => result,
                 Err(_) => Err(Failure::Other(BackendError::Temporary {

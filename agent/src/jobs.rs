@@ -1,0 +1,573 @@
+//! The agent's job runner: backups, retention and checks, driven through
+//! the core engines and recorded in the catalog.
+//!
+//! The engines are synchronous CPU work, so each job runs on tokio's
+//! blocking pool (STYLE.md, item 6) while an async loop beside it streams
+//! progress, watches the job's deadline and the agent's shutdown, and asks
+//! the job to stop at its next safe point when either comes (the core's
+//! `Progress::cancel`: no snapshot is committed, and the next backup reuses
+//! what was uploaded). A backup of a command's output (`pg_dump`) fails,
+//! and commits nothing, when the command exits non-zero.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use chrono::Utc;
+use lifeboat_core::backend::resilience::BreakerHandle;
+use lifeboat_core::backend::{open_store, S3Credentials, StoreOptions};
+use lifeboat_core::backup::{backup, backup_stdin, BackupOptions, Progress, StdinSource};
+use lifeboat_core::check::{check, CheckOptions};
+use lifeboat_core::prune::{prune, PruneOptions};
+use lifeboat_core::retention::{apply_policy, GroupBy, SnapshotInfo};
+use lifeboat_core::{Error, Repository};
+use tokio::sync::{mpsc, watch};
+
+use crate::catalog::{source_tag, Catalog, JobKind, Outcome, SnapshotRecord};
+use crate::config::{Config, SourceConfig, SourceInput};
+use crate::scheduler::{BoxFuture, Event, JobSpec, RunResult, Runner};
+
+/// What jobs, the control socket and the metrics endpoint share.
+pub struct Agent {
+    config: RwLock<Arc<Config>>,
+    /// The catalog.
+    pub catalog: Arc<Catalog>,
+    /// The circuit breaker of the store the last job opened, for metrics.
+    pub breaker: Mutex<Option<BreakerHandle>>,
+    /// Becomes true when the agent is stopping.
+    shutdown: watch::Receiver<bool>,
+    /// This host's name, recorded in snapshots and used by retention.
+    pub host: String,
+}
+
+impl Agent {
+    /// An agent for `config`, recording into `catalog`.
+    pub fn new(config: Config, catalog: Arc<Catalog>, shutdown: watch::Receiver<bool>) -> Agent {
+        Agent {
+            config: RwLock::new(Arc::new(config)),
+            catalog,
+            breaker: Mutex::new(None),
+            shutdown,
+            host: hostname(),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().expect("config lock poisoned").clone()
+    }
+
+    /// Replaces the configuration (after a successful reload).
+    pub fn set_config(&self, config: Config) {
+        *self.config.write().expect("config lock poisoned") = Arc::new(config);
+    }
+
+    /// Opens the repository the configuration names.
+    pub fn open_repository(&self, config: &Config) -> Result<Repository, String> {
+        let r = &config.repository;
+        let credentials = match (&r.s3_access_key_id, &r.s3_secret_access_key) {
+            (Some(id), Some(secret)) => Some(S3Credentials {
+                access_key_id: id.clone(),
+                secret_access_key: secret.expose().to_string(),
+            }),
+            _ => None,
+        };
+        let opts = StoreOptions {
+            s3_endpoint: r.s3_endpoint.clone(),
+            s3_region: r.s3_region.clone(),
+            s3_path_style: r.s3_path_style,
+            s3_credentials: credentials,
+            connections: r.connections.map(usize::from),
+            retry_for: None,
+            create_bucket: false,
+        };
+        let store = open_store(std::path::Path::new(&r.location), &opts)
+            .map_err(|e| format!("cannot open the repository's store: {e}"))?;
+        *self.breaker.lock().expect("poisoned") = Some(store.breaker.clone());
+        let passphrase = config.passphrase.read()?;
+        Repository::open(store.backend, &passphrase).map_err(|e| e.to_string())
+    }
+
+    fn cache_dir(&self, config: &Config) -> PathBuf {
+        config
+            .repository
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| config.agent.state_dir.join("cache"))
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".to_string();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// What one job produced.
+struct Done {
+    snapshot: Option<SnapshotRecord>,
+    bytes_added: u64,
+}
+
+impl Runner for Arc<Agent> {
+    fn run(
+        &self,
+        job: JobSpec,
+        attempt: u32,
+        events: Option<mpsc::UnboundedSender<Event>>,
+    ) -> BoxFuture<RunResult> {
+        let agent = self.clone();
+        Box::pin(async move { agent.run_job(job, attempt, events).await })
+    }
+}
+
+/// How often a running job reports progress to a watching client.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// How long a job asked to stop gets to reach its safe point before the
+/// runner reports it and moves on (the job's thread finishes on its own).
+const STOP_WAIT: Duration = Duration::from_secs(20);
+
+impl Agent {
+    async fn run_job(
+        self: Arc<Agent>,
+        job: JobSpec,
+        attempt: u32,
+        events: Option<mpsc::UnboundedSender<Event>>,
+    ) -> RunResult {
+        let config = self.config();
+        let kind = job.id.kind;
+        let source = job.id.source.clone();
+        let catalog = self.catalog.clone();
+        let run_id = match catalog.start_run(kind, source.as_deref(), Utc::now(), attempt) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                log::error!("{}: cannot record the run in the catalog: {e}", job.id);
+                None
+            }
+        };
+        let progress = Arc::new(Progress::default());
+        let work = {
+            let agent = self.clone();
+            let progress = progress.clone();
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || {
+                agent.execute(&config, kind, source.as_deref(), &progress)
+            })
+        };
+        tokio::pin!(work);
+        let deadline = tokio::time::Instant::now() + job.timeout;
+        let mut shutdown = self.shutdown.clone();
+        let mut stop_reason: Option<Outcome> = None;
+        let mut stopped_at = None;
+        let joined = loop {
+            tokio::select! {
+                joined = &mut work => break Some(joined),
+                _ = tokio::time::sleep(PROGRESS_EVERY) => {
+                    if let Some(events) = &events {
+                        let _ = events.send(Event::Progress {
+                            files: progress.files.load(Ordering::Relaxed),
+                            bytes_read: progress.bytes_read.load(Ordering::Relaxed),
+                            bytes_stored: progress.bytes_stored.load(Ordering::Relaxed),
+                        });
+                    }
+                    if let Some(at) = stopped_at {
+                        if tokio::time::Instant::now() >= at + STOP_WAIT {
+                            break None;
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline), if stop_reason.is_none() => {
+                    log::warn!("{}: timeout of {} s reached; stopping it", job.id, job.timeout.as_secs());
+                    stop_reason = Some(Outcome::TimedOut);
+                    stopped_at = Some(tokio::time::Instant::now());
+                    progress.cancel.store(true, Ordering::Relaxed);
+                }
+                changed = shutdown.changed(), if stop_reason.is_none() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        log::info!("{}: the agent is stopping; asking the job to stop", job.id);
+                        stop_reason = Some(Outcome::Interrupted);
+                        stopped_at = Some(tokio::time::Instant::now());
+                        progress.cancel.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        };
+        let result: Result<Done, String> = match joined {
+            Some(Ok(r)) => r,
+            Some(Err(panic)) => Err(format!("the job panicked: {panic}")),
+            None => Err("did not reach a safe point in time; its thread was left to finish".into()),
+        };
+        let (outcome, error, snapshot, bytes) = match (result, stop_reason) {
+            (Ok(done), _) => (Outcome::Success, None, done.snapshot, done.bytes_added),
+            (Err(e), Some(reason)) => (reason, Some(e), None, 0),
+            (Err(e), None) => (Outcome::Failed, Some(e), None, 0),
+        };
+        if let Some(snap) = &snapshot {
+            if let Err(e) = catalog.record_snapshot(snap) {
+                log::error!("{}: cannot record snapshot in the catalog: {e}", job.id);
+            }
+        }
+        if let Some(id) = run_id {
+            if let Err(e) = catalog.finish_run(
+                id,
+                Utc::now(),
+                outcome,
+                bytes,
+                snapshot.as_ref().map(|s| s.id.as_str()),
+                error.as_deref(),
+            ) {
+                log::error!("{}: cannot record the result in the catalog: {e}", job.id);
+            }
+        }
+        RunResult {
+            outcome,
+            snapshot: snapshot.map(|s| s.id),
+            error,
+        }
+    }
+
+    /// Runs one job to completion on the current (blocking) thread.
+    fn execute(
+        &self,
+        config: &Config,
+        kind: JobKind,
+        source: Option<&str>,
+        progress: &Progress,
+    ) -> Result<Done, String> {
+        match kind {
+            JobKind::Backup => {
+                let name = source.ok_or("a backup job needs a source")?;
+                let src = config
+                    .source(name)
+                    .ok_or_else(|| format!("source {name:?} is no longer in the configuration"))?;
+                self.backup_source(config, src, progress)
+            }
+            JobKind::Retention => self.retention(config),
+            JobKind::Check => self.check(config),
+            JobKind::Drill => Err(
+                "restore drills are not part of this agent yet (they come with lifeboat-drills)"
+                    .to_string(),
+            ),
+        }
+    }
+
+    fn backup_source(
+        &self,
+        config: &Config,
+        src: &SourceConfig,
+        progress: &Progress,
+    ) -> Result<Done, String> {
+        if let Some(hook) = &src.before {
+            run_hook("before", hook, src.timeout)?;
+        }
+        let result = self.backup_inner(config, src, progress);
+        if let Some(hook) = &src.after {
+            // The after hook runs whatever happened (it typically restarts
+            // a service the before hook stopped).
+            if let Err(e) = run_hook("after", hook, src.timeout) {
+                return Err(match result {
+                    Ok(_) => e,
+                    Err(first) => format!("{first}; and {e}"),
+                });
+            }
+        }
+        result
+    }
+
+    fn backup_inner(
+        &self,
+        config: &Config,
+        src: &SourceConfig,
+        progress: &Progress,
+    ) -> Result<Done, String> {
+        let repo = self.open_repository(config)?;
+        let mut tags = src.tags.clone();
+        tags.push(source_tag(&src.name));
+        let mut opts = BackupOptions {
+            host: Some(self.host.clone()),
+            tags,
+            cache_dir: Some(self.cache_dir(config)),
+            ..BackupOptions::default()
+        };
+        let report = match &src.input {
+            SourceInput::Paths {
+                paths,
+                exclude,
+                one_file_system,
+            } => {
+                opts.paths = paths.clone();
+                opts.excludes = exclude.clone();
+                opts.one_file_system = *one_file_system;
+                backup(&repo, &opts, progress).map_err(|e| e.to_string())?
+            }
+            SourceInput::Command {
+                argv,
+                stdin_filename,
+            } => {
+                let child = Command::new(&argv[0])
+                    .args(&argv[1..])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .map_err(|e| format!("cannot start {:?}: {e}", argv[0]))?;
+                let reader = CommandOutput::new(child, argv[0].clone());
+                let stderr_tail = reader.stderr_tail.clone();
+                backup_stdin(
+                    &repo,
+                    &opts,
+                    progress,
+                    StdinSource {
+                        reader: Box::new(reader),
+                        name: stdin_filename.clone(),
+                    },
+                )
+                .map_err(|e| match e {
+                    Error::Io { source, .. } => {
+                        let tail = stderr_tail.lock().expect("poisoned").clone();
+                        if tail.is_empty() {
+                            source.to_string()
+                        } else {
+                            format!("{source}; its stderr ended with: {}", tail.trim())
+                        }
+                    }
+                    other => other.to_string(),
+                })?
+            }
+        };
+        let s = &report.snapshot;
+        if s.incomplete {
+            log::warn!(
+                "{}: snapshot {} is incomplete: {}",
+                src.name,
+                report.snapshot_id.short(),
+                report.warnings.join("; ")
+            );
+        }
+        Ok(Done {
+            bytes_added: s.summary.bytes_added_stored,
+            snapshot: Some(SnapshotRecord {
+                id: report.snapshot_id.to_hex(),
+                source: src.name.clone(),
+                time: s.time,
+                bytes_added: s.summary.bytes_added_stored,
+                total_bytes: s.summary.total_bytes,
+                files: s.summary.files_new + s.summary.files_changed + s.summary.files_unmodified,
+                incomplete: s.incomplete,
+            }),
+        })
+    }
+
+    /// Forgets this host's snapshots of configured sources by the policy,
+    /// then prunes if asked. Other hosts' snapshots are theirs to manage.
+    fn retention(&self, config: &Config) -> Result<Done, String> {
+        let retention = config
+            .retention
+            .as_ref()
+            .ok_or("no [retention] section in the configuration")?;
+        let repo = self.open_repository(config)?;
+        let snaps = repo.snapshots().map_err(|e| e.to_string())?;
+        let ours: Vec<SnapshotInfo> = snaps
+            .iter()
+            .filter(|(_, s)| {
+                s.host == self.host
+                    && config
+                        .sources
+                        .iter()
+                        .any(|src| s.tags.contains(&source_tag(&src.name)))
+            })
+            .map(|(id, s)| SnapshotInfo {
+                id: id.to_hex(),
+                time: s.time,
+                host: s.host.clone(),
+                paths: s.paths.clone(),
+                tags: s.tags.clone(),
+            })
+            .collect();
+        let groups = apply_policy(
+            &ours,
+            &retention.policy,
+            GroupBy::host_and_paths(),
+            Utc::now(),
+            &chrono::Local,
+        )
+        .map_err(|e| e.to_string())?;
+        let mut removed = 0;
+        for decision in groups.iter().flat_map(|g| &g.decisions) {
+            if !decision.keep {
+                repo.backend()
+                    .delete(&format!("snapshots/{}", decision.id))
+                    .map_err(|e| e.to_string())?;
+                removed += 1;
+            }
+        }
+        log::info!("retention: removed {removed} snapshot(s)");
+        if retention.prune {
+            let report = prune(&repo, &PruneOptions::default()).map_err(|e| e.to_string())?;
+            log::info!(
+                "retention: prune condemned {} pack(s), deleted {}",
+                report.packs_condemned,
+                report.packs_deleted
+            );
+        }
+        Ok(Done {
+            snapshot: None,
+            bytes_added: 0,
+        })
+    }
+
+    fn check(&self, config: &Config) -> Result<Done, String> {
+        let settings = config
+            .check
+            .as_ref()
+            .ok_or("no [check] section in the configuration")?;
+        let repo = self.open_repository(config)?;
+        let subset = settings.read_data_subset;
+        let report = check(
+            &repo,
+            &CheckOptions {
+                read_data: subset > 0,
+                subset_percent: (subset > 0 && subset < 100).then_some(f64::from(subset)),
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        if report.errors.is_empty() {
+            Ok(Done {
+                snapshot: None,
+                bytes_added: 0,
+            })
+        } else {
+            Err(format!(
+                "check found {} problem(s): {}",
+                report.errors.len(),
+                report.errors.join("; ")
+            ))
+        }
+    }
+}
+
+/// Runs a hook with `/bin/sh -c`, failing on a non-zero exit or after
+/// `timeout`.
+fn run_hook(which: &str, command: &str, timeout: Duration) -> Result<(), String> {
+    let mut child = Command::new("/bin/sh")
+        .args(["-c", command])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{which} hook: cannot start /bin/sh: {e}"))?;
+    let started = std::time::Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                return Err(format!(
+                    "{which} hook `{command}` failed ({status}){}",
+                    if err.trim().is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", err.trim())
+                    }
+                ));
+            }
+            Ok(None) if started.elapsed() > timeout => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{which} hook `{command}` did not finish within {} s",
+                    timeout.as_secs()
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(format!("{which} hook: {e}")),
+        }
+    }
+}
+
+/// A command's stdout as a reader that turns a non-zero exit into a read
+/// error at the end, so the backup of a failed dump is never committed.
+struct CommandOutput {
+    child: Child,
+    stdout: std::process::ChildStdout,
+    name: String,
+    stderr_tail: Arc<Mutex<String>>,
+    finished: bool,
+}
+
+impl CommandOutput {
+    fn new(mut child: Child, name: String) -> CommandOutput {
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr_tail = Arc::new(Mutex::new(String::new()));
+        if let Some(mut err) = child.stderr.take() {
+            let tail = stderr_tail.clone();
+            // Drain stderr so the command never blocks on a full pipe;
+            // keep its last lines for the error message.
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = err.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut t = tail.lock().expect("poisoned");
+                    t.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    if t.len() > 2000 {
+                        let cut = t.len() - 2000;
+                        let cut = (cut..t.len()).find(|&i| t.is_char_boundary(i)).unwrap_or(0);
+                        t.drain(..cut);
+                    }
+                }
+            });
+        }
+        CommandOutput {
+            child,
+            stdout,
+            name,
+            stderr_tail,
+            finished: false,
+        }
+    }
+}
+
+impl Read for CommandOutput {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.finished {
+            return Ok(0);
+        }
+        let n = self.stdout.read(buf)?;
+        if n > 0 {
+            return Ok(n);
+        }
+        let status = self.child.wait()?;
+        self.finished = true;
+        if status.success() {
+            Ok(0)
+        } else {
+            Err(std::io::Error::other(format!(
+                "{} exited with {status}; the backup was not committed",
+                self.name
+            )))
+        }
+    }
+}
+
+impl Drop for CommandOutput {
+    fn drop(&mut self) {
+        if !self.finished {
+            // The backup stopped early (error or cancel): stop the command.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
