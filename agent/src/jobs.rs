@@ -343,6 +343,7 @@ impl Agent {
                 })?
             }
         };
+        self.measure_repository(&repo);
         let s = &report.snapshot;
         if s.incomplete {
             log::warn!(
@@ -418,10 +419,27 @@ impl Agent {
                 report.packs_deleted
             );
         }
+        self.measure_repository(&repo);
         Ok(Done {
             snapshot: None,
             bytes_added: 0,
         })
+    }
+
+    /// Records the repository's stored size for the metrics (one listing).
+    fn measure_repository(&self, repo: &Repository) {
+        match repo.backend().list("") {
+            Ok(objects) => {
+                let bytes: u64 = objects.iter().map(|o| o.size).sum();
+                if let Err(e) = self
+                    .catalog
+                    .set_state(crate::status::REPOSITORY_BYTES, &bytes.to_string())
+                {
+                    log::warn!("cannot record the repository size: {e}");
+                }
+            }
+            Err(e) => log::warn!("cannot measure the repository: {e}"),
+        }
     }
 
     fn check(&self, config: &Config) -> Result<Done, String> {

@@ -11,6 +11,7 @@
 //! jobs and gives running ones a bounded time to reach a safe point.
 //! Only this crate knows cron and the catalog.
 
+pub mod alerts;
 pub mod catalog;
 pub mod config;
 pub mod control;
@@ -186,6 +187,7 @@ pub async fn run(
         config.sources.len(),
         catalog_file.display()
     ));
+    let alerts_task = tokio::spawn(alerts::run(agent.clone(), wait_for(stop_tx.subscribe())));
     let status_task = tokio::spawn(systemd_status(
         notifier.clone(),
         requests_tx.clone(),
@@ -232,6 +234,7 @@ pub async fn run(
         let _ = t.await;
     }
     status_task.abort();
+    alerts_task.abort();
     Ok(())
 }
 
@@ -301,7 +304,7 @@ async fn systemd_status(
     loop {
         let (reply, answer) = oneshot::channel();
         if scheduler.send(Request::NextRuns(reply)).await.is_ok() {
-            if let Ok(list) = answer.await {
+            if let Ok(Ok(list)) = tokio::time::timeout(Duration::from_secs(5), answer).await {
                 let now = Utc::now();
                 let running: Vec<String> = list
                     .iter()

@@ -160,6 +160,9 @@ impl AgentProbe {
     }
 }
 
+/// Catalog state key holding the repository's size in bytes.
+pub const REPOSITORY_BYTES: &str = "repository_bytes";
+
 /// Longest time between scheduler wake-ups before `/readyz` says it hangs.
 const TICK_STALE: i64 = 90;
 
@@ -425,14 +428,46 @@ pub fn render_metrics(
             fam.sample(&[], if open { 1.0 } else { 0.0 });
         }
     }
+    reg.family(
+        "lifeboat_backend_circuit_breaker_opened_total",
+        "Times a storage circuit breaker opened since the agent started.",
+        MetricType::Counter,
+    )
+    .sample(
+        &[],
+        lifeboat_core::backend::resilience::breaker_opened_total() as f64,
+    );
     {
         let fam = reg.family(
-            "lifeboat_backend_circuit_breaker_opened_total",
-            "Times the storage circuit breaker opened since the last job opened the store.",
-            MetricType::Counter,
+            "lifeboat_repository_size_bytes",
+            "Bytes stored in the repository, as measured after the last backup or retention job.",
+            MetricType::Gauge,
         );
-        if let Some(b) = &breaker {
-            fam.sample(&[], b.times_opened() as f64);
+        if let Ok(Some(v)) = catalog.state(REPOSITORY_BYTES) {
+            if let Ok(n) = v.parse::<u64>() {
+                fam.sample(&[], n as f64);
+            }
+        }
+    }
+    reg.family(
+        "lifeboat_backend_retries_total",
+        "Storage requests retried after a temporary error since the agent started.",
+        MetricType::Counter,
+    )
+    .sample(
+        &[],
+        lifeboat_core::backend::resilience::retries_total() as f64,
+    );
+    {
+        let fam = reg.family(
+            "lifeboat_source_snapshot_bytes",
+            "Size of the source's data in its last snapshot, as a restore writes it.",
+            MetricType::Gauge,
+        );
+        for s in &list {
+            if let Some(l) = &s.last_snapshot {
+                fam.sample(&[("source", s.source.as_str())], l.total_bytes as f64);
+            }
         }
     }
     reg.render()

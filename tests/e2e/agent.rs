@@ -213,10 +213,15 @@ fn the_agent_keeps_a_source_within_its_rpo_and_says_when_it_no_longer_does() {
     // Observability: metrics parse with promtool, readiness is deep.
     let (code, metrics) = http_get(port, "/metrics");
     assert_eq!(code, 200, "{metrics}");
-    assert!(
-        metrics.contains("lifeboat_source_rpo_seconds{source=\"demo\"}"),
-        "{metrics}"
-    );
+    for family in [
+        "lifeboat_source_rpo_seconds{source=\"demo\"}",
+        "lifeboat_source_rpo_target_seconds{source=\"demo\"} 8",
+        "lifeboat_job_runs_total{kind=\"backup\",source=\"demo\",outcome=\"success\"}",
+        "lifeboat_repository_size_bytes ",
+        "lifeboat_backend_retries_total ",
+    ] {
+        assert!(metrics.contains(family), "{family} in {metrics}");
+    }
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

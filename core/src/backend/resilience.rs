@@ -152,6 +152,7 @@ impl Retry {
                 self.inner.location(),
                 sleep.as_secs_f64()
             );
+            RETRIES_TOTAL.fetch_add(1, SeqCst);
             thread::sleep(sleep);
         }
     }
@@ -179,6 +180,22 @@ impl Backend for Retry {
     fn exclusive_create(&self) -> bool {
         self.inner.exclusive_create()
     }
+}
+
+/// Retries made by every [`Retry`] in this process (for metrics: the
+/// agent opens a store per job, and the count must not restart with each).
+static RETRIES_TOTAL: AtomicU64 = AtomicU64::new(0);
+/// Times any [`CircuitBreaker`] in this process opened.
+static BREAKER_OPENED_TOTAL: AtomicU64 = AtomicU64::new(0);
+
+/// Retries of temporary storage errors made in this process so far.
+pub fn retries_total() -> u64 {
+    RETRIES_TOTAL.load(SeqCst)
+}
+
+/// Times a storage circuit breaker opened in this process so far.
+pub fn breaker_opened_total() -> u64 {
+    BREAKER_OPENED_TOTAL.load(SeqCst)
 }
 
 // -------------------------------------------------------- circuit breaker ---
@@ -319,6 +336,7 @@ impl BreakerShared {
             .checked_add(core.cool_down)
             .unwrap_or(now + Duration::from_secs(86_400));
         let times = self.times_opened.fetch_add(1, SeqCst) + 1;
+        BREAKER_OPENED_TOTAL.fetch_add(1, SeqCst);
         log::warn!(
             "circuit breaker for {}: open after {} consecutive failures; failing fast for {:.1} s (opened {times} times)",
             self.location,
