@@ -248,7 +248,20 @@ const RETENTION_KEYS: &[&str] = &[
     "timeout",
 ];
 const CHECK_KEYS: &[&str] = &["schedule", "read_data_subset", "timeout"];
-const DRILL_KEYS: &[&str] = &["name", "source", "schedule", "sample", "timeout"];
+const DRILL_KEYS: &[&str] = &[
+    "name",
+    "source",
+    "schedule",
+    "sample",
+    "timeout",
+    "snapshot",
+    "random_within",
+    "paths",
+    "scratch_dir",
+    "max_disk",
+    "validate",
+    "validate_timeout",
+];
 
 /// What a type error says a schedule or a duration should look like.
 const SCHEDULE_EXPECTED: &str = "a schedule string such as \"0 */6 * * *\" or \"@daily\"";
@@ -545,6 +558,49 @@ pub struct DrillConfig {
     pub sample_percent: Option<u8>,
     /// How long one drill may take.
     pub timeout: Duration,
+    /// `snapshot = "random"`: a random snapshot from this window instead
+    /// of the latest (`random_within`, default 7 days).
+    pub random_within: Option<Duration>,
+    /// Restore only these paths (absolute paths inside the snapshot).
+    pub paths: Vec<String>,
+    /// Where sandboxes are created (default `<state_dir>/drills`).
+    pub scratch_dir: Option<PathBuf>,
+    /// Refuse to start when the restore needs more bytes than this.
+    pub max_disk: Option<u64>,
+    /// Commands run against the restored tree (`{restore_dir}` is replaced).
+    pub validate: Vec<String>,
+    /// How long each validation command may run (default 10 minutes).
+    pub validate_timeout: Duration,
+}
+
+/// Parses a size such as `"500M"`, `"20G"` or `"1T"` (binary units) or a
+/// plain byte count.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (digits, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = digits.parse().map_err(|_| {
+        format!("`{t}` is not a size: write a number with an optional K, M, G or T")
+    })?;
+    let shift = match unit
+        .trim()
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` in `{t}`: use K, M, G or T"
+            ))
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .filter(|&v| v > 0)
+        .ok_or_else(|| format!("`{t}` is not a usable size (zero or too large)"))
 }
 
 /// A cron schedule in the local time zone, keeping the text it was written as.
@@ -1740,12 +1796,58 @@ fn read_drill(e: &mut Report, s: &Section<'_, '_>, sources: &Names) -> Option<Dr
     let schedule = s.required_schedule(e, "run the drill");
     let sample_percent = read_sample(e, s);
     let timeout = s.timeout(e);
+    let random_within = match s.string(e, "snapshot") {
+        None | Some("latest") => None,
+        Some("random") => Some(
+            s.nonzero_duration(e, "random_within")
+                .unwrap_or(Duration::from_secs(7 * 86400)),
+        ),
+        Some(other) => {
+            s.error(
+                e,
+                "snapshot",
+                format!("`{other}` is not a snapshot choice: use \"latest\" or \"random\""),
+            );
+            None
+        }
+    };
+    let paths: Vec<String> = s
+        .strings(e, "paths", |p| {
+            if p.starts_with('/') {
+                Ok(())
+            } else {
+                Err(format!(
+                    "`{p}` must be an absolute path inside the snapshot"
+                ))
+            }
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    let scratch_dir = s.absolute_path(e, "scratch_dir");
+    let max_disk = s.parsed(e, "max_disk", "a size string such as \"20G\"", parse_size);
+    let validate: Vec<String> = s
+        .strings(e, "validate", |_| Ok(()))
+        .unwrap_or_default()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    let validate_timeout = s
+        .nonzero_duration(e, "validate_timeout")
+        .unwrap_or(Duration::from_secs(600));
     Some(DrillConfig {
         name: name?,
         source: source?.to_string(),
         schedule: schedule?,
         sample_percent: sample_percent?,
         timeout,
+        random_within,
+        paths,
+        scratch_dir,
+        max_disk,
+        validate,
+        validate_timeout,
     })
 }
 

@@ -100,7 +100,8 @@ impl Agent {
     }
 }
 
-fn hostname() -> String {
+/// This host's name (gethostname), recorded in snapshots and drill reports.
+pub fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most buf.len() bytes into buf.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
@@ -252,10 +253,10 @@ impl Agent {
             }
             JobKind::Retention => self.retention(config),
             JobKind::Check => self.check(config),
-            JobKind::Drill => Err(
-                "restore drills are not part of this agent yet (they come with lifeboat-drills)"
-                    .to_string(),
-            ),
+            JobKind::Drill => {
+                let name = source.ok_or("a drill job needs a drill name")?;
+                self.drill(config, name, progress)
+            }
         }
     }
 
@@ -424,6 +425,109 @@ impl Agent {
             snapshot: None,
             bytes_added: 0,
         })
+    }
+
+    /// Runs a configured drill, records it in the catalog and writes its
+    /// JSON and HTML reports under `<state_dir>/drills/`.
+    fn drill(&self, config: &Config, name: &str, progress: &Progress) -> Result<Done, String> {
+        let d = config
+            .drills
+            .iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| format!("drill {name:?} is no longer in the configuration"))?;
+        let source = config.source(&d.source);
+        let repo = self.open_repository(config)?;
+        let scope = if !d.paths.is_empty() {
+            restore_drills::Scope::Paths(d.paths.clone())
+        } else {
+            match d.sample_percent {
+                Some(p) if p < 100 => restore_drills::Scope::Sample(f64::from(p)),
+                _ => restore_drills::Scope::Full,
+            }
+        };
+        let spec = restore_drills::DrillSpec {
+            name: d.name.clone(),
+            source: d.source.clone(),
+            source_tag: source_tag(&d.source),
+            snapshot: match d.random_within {
+                Some(w) => restore_drills::SnapshotChoice::RandomWithin(w),
+                None => restore_drills::SnapshotChoice::Latest,
+            },
+            scope,
+            scratch_dir: d
+                .scratch_dir
+                .clone()
+                .unwrap_or_else(|| config.agent.state_dir.join("drills").join("sandbox")),
+            max_disk_bytes: d.max_disk,
+            time_limit: d.timeout,
+            validations: d
+                .validate
+                .iter()
+                .map(|c| restore_drills::Validation {
+                    command: c.clone(),
+                    timeout: d.validate_timeout,
+                })
+                .collect(),
+            keep: false,
+            rto_target: source.and_then(|s| s.rto),
+            rpo_target: source.map(|s| s.rpo),
+        };
+        let report = restore_drills::run(&repo, &spec, &self.host, &progress.cancel);
+        let dir = config.agent.state_dir.join("drills");
+        let json_path = dir.join(format!("{}.json", report.id));
+        let written = std::fs::create_dir_all(&dir)
+            .and_then(|()| {
+                std::fs::write(
+                    &json_path,
+                    serde_json::to_vec_pretty(&report).unwrap_or_default(),
+                )
+            })
+            .and_then(|()| {
+                std::fs::write(
+                    dir.join(format!("{}.html", report.id)),
+                    restore_drills::render::html(&report),
+                )
+            });
+        if let Err(e) = written {
+            log::warn!(
+                "drill {name}: cannot write its report under {}: {e}",
+                dir.display()
+            );
+        }
+        let rto = report.rto.as_ref();
+        let record = crate::catalog::DrillRecord {
+            id: 0,
+            source: d.source.clone(),
+            time: report.started,
+            snapshot_id: report.snapshot_id.clone().unwrap_or_default(),
+            restore_secs: rto.map(|r| r.measured_restore_seconds).unwrap_or(0.0),
+            restored_bytes: report.bytes_restored,
+            verified: report.outcome == restore_drills::DrillOutcome::Passed,
+            estimated_full_restore_secs: rto.map(|r| r.full_restore_seconds),
+            report_path: Some(json_path.display().to_string()),
+            error: report.summary.clone(),
+        };
+        if let Err(e) = self.catalog.record_drill(&record) {
+            log::error!("drill {name}: cannot record it in the catalog: {e}");
+        }
+        match report.outcome {
+            restore_drills::DrillOutcome::Passed => {
+                log::info!(
+                    "drill {name}: passed; full restore {} s ({})",
+                    rto.map(|r| r.full_restore_seconds.round()).unwrap_or(0.0),
+                    rto.map(|r| r.method.as_str()).unwrap_or("")
+                );
+                Ok(Done {
+                    snapshot: None,
+                    bytes_added: 0,
+                })
+            }
+            other => Err(format!(
+                "drill {name} {:?}: {}",
+                other,
+                report.summary.unwrap_or_default()
+            )),
+        }
     }
 
     /// Records the repository's stored size for the metrics (one listing).

@@ -65,6 +65,17 @@ pub fn job_specs(config: &Config) -> Vec<JobSpec> {
             class: Class::Maintenance,
         });
     }
+    for d in &config.drills {
+        jobs.push(JobSpec {
+            id: JobId {
+                kind: JobKind::Drill,
+                source: Some(d.name.clone()),
+            },
+            schedule: d.schedule.clone(),
+            timeout: d.timeout,
+            class: Class::Maintenance,
+        });
+    }
     if let Some(c) = &config.check {
         jobs.push(JobSpec {
             id: JobId {
@@ -121,12 +132,6 @@ pub async fn run(
         );
     }
     let (stop_tx, stop_rx) = watch::channel(false);
-    let drills = config.drills.len();
-    if drills > 0 {
-        log::warn!(
-            "{drills} drill(s) are configured, but this agent does not run restore drills yet; they are validated only"
-        );
-    }
     let jobs = job_specs(&config);
     let agent = Arc::new(Agent::new(config.clone(), catalog.clone(), stop_rx));
     let runner: Arc<dyn Runner> = Arc::new(agent.clone());

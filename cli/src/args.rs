@@ -138,6 +138,87 @@ pub enum Command {
     /// Work with the agent's catalog (its local history of runs and snapshots).
     #[command(subcommand)]
     Catalog(CatalogCommand),
+    /// Restore drills: restore for real into a sandbox, verify, validate,
+    /// time it, and report (the reports are kept in the repository).
+    #[command(subcommand)]
+    Drill(DrillCommand),
+}
+
+/// `drill` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DrillCommand {
+    /// Run a drill now against --repo.
+    Run(Box<DrillRunArgs>),
+    /// List the drills recorded in the repository.
+    List,
+    /// Show one drill's report (the latest by default).
+    Show(DrillShowArgs),
+    /// Write every source's latest drill report as HTML, with an index page.
+    Report(DrillReportArgs),
+}
+
+/// `drill run`.
+#[derive(Debug, Args)]
+pub struct DrillRunArgs {
+    /// Drill this source's snapshots (those tagged source:NAME by the agent);
+    /// without it, any snapshot.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Restore this snapshot (ID prefix) instead of the latest.
+    #[arg(long, conflicts_with = "random_within")]
+    pub snapshot: Option<String>,
+    /// Restore a random snapshot from this recent window (e.g. 7d).
+    #[arg(long, value_name = "DURATION")]
+    pub random_within: Option<String>,
+    /// Restore a random sample of files holding about this percentage of the bytes.
+    #[arg(long, value_name = "PERCENT", conflicts_with = "path")]
+    pub sample: Option<f64>,
+    /// Restore only this path inside the snapshot (repeatable).
+    #[arg(long)]
+    pub path: Vec<String>,
+    /// Directory in which the sandbox is created (default: the system's temp dir).
+    #[arg(long)]
+    pub scratch: Option<PathBuf>,
+    /// Refuse to start when the restore needs more than this (e.g. 20G).
+    #[arg(long, value_name = "SIZE")]
+    pub max_disk: Option<String>,
+    /// Stop the drill after this long (e.g. 30m).
+    #[arg(long, value_name = "DURATION", default_value = "24h")]
+    pub time_limit: String,
+    /// A command to run against the restored tree; `{restore_dir}` is
+    /// replaced by the sandbox (repeatable).
+    #[arg(long, value_name = "COMMAND")]
+    pub validate: Vec<String>,
+    /// How long each validation command may run.
+    #[arg(long, value_name = "DURATION", default_value = "10m")]
+    pub validate_timeout: String,
+    /// The RTO target to judge the measured restore time against (e.g. 1h).
+    #[arg(long, value_name = "DURATION")]
+    pub rto: Option<String>,
+    /// Keep the sandbox afterwards.
+    #[arg(long)]
+    pub keep: bool,
+    /// Report format printed at the end.
+    #[arg(long, default_value = "md", value_parser = ["md", "json"])]
+    pub format: String,
+}
+
+/// `drill show`.
+#[derive(Debug, Args)]
+pub struct DrillShowArgs {
+    /// Report ID prefix; the latest drill by default.
+    pub id: Option<String>,
+    /// Output format.
+    #[arg(long, default_value = "md", value_parser = ["md", "html", "json"])]
+    pub format: String,
+}
+
+/// `drill report`.
+#[derive(Debug, Args)]
+pub struct DrillReportArgs {
+    /// Directory for the HTML pages (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// Where the agent's configuration file is.

@@ -39,6 +39,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Run(a) => crate::agent_cmds::run_job(g, &a.job, &a.config),
         Command::Config(ConfigCommand::Check(a)) => crate::agent_cmds::config_check(g, a),
         Command::Catalog(CatalogCommand::Rebuild(a)) => crate::agent_cmds::catalog_rebuild(g, a),
+        Command::Drill(d) => crate::drill_cmds::drill(g, d),
     }
 }
 
@@ -107,7 +108,7 @@ fn kdf_work_factor() -> Result<u8> {
     }
 }
 
-fn open(g: &Global) -> Result<Repository> {
+pub(crate) fn open(g: &Global) -> Result<Repository> {
     let b = backend(g)?;
     // Report a missing repository before asking for a passphrase.
     if b.stat("config").is_err_and(|e| e.is_not_found()) {
@@ -492,6 +493,7 @@ fn restore(g: &Global, a: &RestoreArgs) -> Result<u8> {
         dry_run: a.dry_run,
         verify: a.verify,
         overwrite: a.overwrite,
+        cancel: None,
     };
     let start = std::time::Instant::now();
     let report = lifeboat_core::restore::restore(&repo, &snap.tree, &opts)?;

@@ -7,6 +7,7 @@
 mod agent_cmds;
 mod args;
 mod commands;
+mod drill_cmds;
 mod output;
 
 use std::process::ExitCode;

@@ -49,6 +49,9 @@ pub struct RestoreOptions {
     pub verify: bool,
     /// Replace existing entries that differ from the snapshot.
     pub overwrite: bool,
+    /// Set it to stop the restore between packs; it then returns
+    /// [`Error::Interrupted`] (drills use this for their time limit).
+    pub cancel: Option<std::sync::Arc<AtomicBool>>,
 }
 
 /// One entry that could not be restored.
@@ -83,6 +86,31 @@ pub struct RestoreReport {
     pub failures: Vec<RestoreFailure>,
     /// Metadata that could not be applied (e.g. ownership when not root).
     pub warnings: Vec<String>,
+    /// Where the time went (drill reports show it).
+    pub timings: RestoreTimings,
+}
+
+/// Time spent in a restore's phases. The data phase is a pipeline of
+/// worker threads, so its parts are reported as thread-seconds summed
+/// over the workers: they overlap, and together exceed the phase's wall
+/// time when the workers run in parallel.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RestoreTimings {
+    /// Loading the index and walking the snapshot's trees (wall seconds).
+    pub plan_secs: f64,
+    /// Creating directories, writing file data, links and special files
+    /// (wall seconds).
+    pub data_secs: f64,
+    /// Re-reading restored files against the snapshot (wall seconds).
+    pub verify_secs: f64,
+    /// Directory metadata, deepest first (wall seconds).
+    pub finish_secs: f64,
+    /// Worker time reading packs from the store and decrypting them.
+    pub fetch_thread_secs: f64,
+    /// Worker time decompressing blobs and checking their IDs.
+    pub decode_thread_secs: f64,
+    /// Worker time writing file data.
+    pub write_thread_secs: f64,
 }
 
 struct Entry {
@@ -258,10 +286,19 @@ pub fn restore(
     snapshot_tree: &Id,
     opts: &RestoreOptions,
 ) -> Result<RestoreReport> {
+    let clock = std::time::Instant::now();
     let index = repo.load_index()?;
     let filter = Filter::new(opts)?;
     let mut report = RestoreReport::default();
     let entries = plan(repo, &index, snapshot_tree, &filter, &mut report.failures)?;
+    report.timings.plan_secs = clock.elapsed().as_secs_f64();
+    let data_clock = std::time::Instant::now();
+    let fetch_ns = AtomicU64::new(0);
+    let decode_ns = AtomicU64::new(0);
+    let write_ns = AtomicU64::new(0);
+    let add_ns = |counter: &AtomicU64, since: std::time::Instant| {
+        counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    };
     repo.clear_pack_cache();
     let target = &opts.target;
     if !opts.dry_run {
@@ -500,16 +537,21 @@ pub fn restore(
     std::thread::scope(|s| {
         for _ in 0..crate::parallel::pack_threads(repo.backend()) {
             s.spawn(|| loop {
-                if stop.load(Ordering::Relaxed) {
+                if stop.load(Ordering::Relaxed)
+                    || opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
+                {
                     break;
                 }
                 let Some((pack_pos, blobs)) = packs.lock().expect("poisoned").pop() else {
                     break;
                 };
                 let pack = index.pack(pack_pos);
+                let fetch_start = std::time::Instant::now();
                 let pack_data = repo.read_pack_salvage(&pack.id);
+                add_ns(&fetch_ns, fetch_start);
                 let mut files: HashMap<usize, File> = HashMap::new();
                 for (id, (loc, targets)) in blobs {
+                    let decode_start = std::time::Instant::now();
                     let data = match &pack_data {
                         Err(e) => Err(e.to_string()),
                         Ok(p) => p
@@ -531,6 +573,8 @@ pub fn restore(
                                 )
                             }),
                     };
+                    add_ns(&decode_ns, decode_start);
+                    let write_start = std::time::Instant::now();
                     for (j, offset) in targets {
                         match &data {
                             Err(reason) => fail(j, reason.clone()),
@@ -563,11 +607,22 @@ pub fn restore(
                         };
                         blob_done(j, handle);
                     }
+                    add_ns(&write_ns, write_start);
                 }
             });
         }
     });
+    if opts
+        .cancel
+        .as_ref()
+        .is_some_and(|c| c.load(Ordering::Relaxed))
+    {
+        return Err(Error::Interrupted);
+    }
     report.bytes_written = bytes_written.load(Ordering::Relaxed);
+    report.timings.fetch_thread_secs = fetch_ns.load(Ordering::Relaxed) as f64 / 1e9;
+    report.timings.decode_thread_secs = decode_ns.load(Ordering::Relaxed) as f64 / 1e9;
+    report.timings.write_thread_secs = write_ns.load(Ordering::Relaxed) as f64 / 1e9;
     report
         .warnings
         .extend(warnings.into_inner().expect("poisoned"));
@@ -705,7 +760,10 @@ pub fn restore(
         }
     }
 
+    report.timings.data_secs = data_clock.elapsed().as_secs_f64();
+    let finish_clock = std::time::Instant::now();
     // Phase 6: verify file contents against the snapshot.
+    let verify_clock = std::time::Instant::now();
     if opts.verify {
         for &i in &ok_files {
             let e = &entries[i];
@@ -724,6 +782,7 @@ pub fn restore(
         }
     }
 
+    report.timings.verify_secs = verify_clock.elapsed().as_secs_f64();
     // Phase 7: directory metadata, deepest first, so writing into a
     // directory does not change its restored mtime.
     for e in entries
@@ -741,6 +800,8 @@ pub fn restore(
             &mut report.warnings,
         );
     }
+    report.timings.finish_secs =
+        (finish_clock.elapsed().as_secs_f64() - report.timings.verify_secs).max(0.0);
     Ok(report)
 }
 

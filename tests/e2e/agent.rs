@@ -161,7 +161,15 @@ paths = ["{src}"]
 before = "test ! -e {stop}"
 schedule = "*/2 * * * * *"
 rpo = "8s"
+rto = "1h"
 timeout = "1m"
+
+[[drill]]
+name = "demo-drill"
+source = "demo"
+schedule = "*/3 * * * * *"
+sample = 50
+validate = ["test -d {{restore_dir}}"]
 
 [check]
 schedule = "*/30 * * * * *"
@@ -201,6 +209,18 @@ fn the_agent_keeps_a_source_within_its_rpo_and_says_when_it_no_longer_does() {
     });
     let (_, v) = status_json(&config);
     assert!(v["sources"][0]["last_snapshot"]["id"].is_string(), "{v}");
+    // A drill ran, passed, and its RTO estimate is within target.
+    assert_eq!(v["sources"][0]["rto"], "OK", "{v}");
+    assert!(
+        v["sources"][0]["rto_seconds"].as_f64().unwrap() > 0.0,
+        "{v}"
+    );
+    assert!(
+        v["sources"][0]["last_drill"]["verified"].as_bool().unwrap(),
+        "{v}"
+    );
+    let drills = lb.ok(&["drill", "list"]);
+    assert!(drills.contains("demo-drill"), "{drills}");
     let snaps: Value = serde_json::from_str(&lb.ok(&["snapshots", "--json"])).unwrap();
     assert!(
         snaps[0]["tags"]

@@ -3,6 +3,8 @@
 //! behaviour it proves; shared helpers are in `util`.
 
 mod agent;
+mod browser;
+mod drills;
 mod s3;
 mod servers;
 mod util;
