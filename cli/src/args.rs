@@ -142,6 +142,13 @@ pub enum Command {
     /// time it, and report (the reports are kept in the repository).
     #[command(subcommand)]
     Drill(DrillCommand),
+    /// Write man pages and shell completions (for packaging).
+    #[command(hide = true)]
+    GenerateAssets {
+        /// Directory to write `man/` and `completions/` into.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// `drill` subcommands.

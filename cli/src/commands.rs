@@ -40,6 +40,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Config(ConfigCommand::Check(a)) => crate::agent_cmds::config_check(g, a),
         Command::Catalog(CatalogCommand::Rebuild(a)) => crate::agent_cmds::catalog_rebuild(g, a),
         Command::Drill(d) => crate::drill_cmds::drill(g, d),
+        Command::GenerateAssets { out } => generate_assets(out),
     }
 }
 
@@ -911,6 +912,28 @@ fn key(g: &Global, k: &KeyCommand) -> Result<u8> {
                 println!("passphrase changed (new key {id})");
             }
         }
+    }
+    output::ok()
+}
+
+/// Man pages (one per command) and bash, zsh and fish completions, generated
+/// from the clap definitions so they never drift from `--help`.
+fn generate_assets(out: &std::path::Path) -> Result<u8> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let man = out.join("man");
+    let completions = out.join("completions");
+    for dir in [&man, &completions] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    clap_mangen::generate_to(cmd.clone(), &man).context("writing man pages")?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "lifeboat", &completions)
+            .context("writing completions")?;
     }
     output::ok()
 }

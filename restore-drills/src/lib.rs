@@ -313,13 +313,15 @@ fn restore_verify_validate(
     });
     let r = match restored {
         Err(_) => return Err((DrillOutcome::Failed, "the restore panicked".into())),
-        Ok(Err(lifeboat_core::Error::Interrupted)) if timed_out => return Err((
-            DrillOutcome::TimedOut,
-            format!(
+        Ok(Err(lifeboat_core::Error::Interrupted)) if timed_out => {
+            return Err((
+                DrillOutcome::TimedOut,
+                format!(
                 "the restore did not finish within the drill's time limit of {}; it was stopped",
                 render::human_duration(spec.time_limit.as_secs_f64())
             ),
-        )),
+            ))
+        }
         Ok(Err(e)) => return Err((DrillOutcome::Failed, format!("the restore failed: {e}"))),
         Ok(Ok(r)) => r,
     };

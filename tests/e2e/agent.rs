@@ -262,6 +262,22 @@ fn the_agent_keeps_a_source_within_its_rpo_and_says_when_it_no_longer_does() {
         String::from_utf8_lossy(&checked.stdout),
         String::from_utf8_lossy(&checked.stderr)
     );
+    // Every query of the shipped Grafana dashboard uses metrics that exist.
+    let scraped = tmp.path().join("metrics.txt");
+    std::fs::write(&scraped, &metrics).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new("python3")
+        .arg(root.join("packaging/check_dashboard.py"))
+        .arg(root.join("packaging/grafana/lifeboat.json"))
+        .arg(&scraped)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dashboard check: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
     let (code, ready) = http_get(port, "/readyz");
     assert_eq!(code, 200, "{ready}");
     assert_eq!(http_get(port, "/healthz").0, 200);

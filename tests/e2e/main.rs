@@ -5,6 +5,7 @@
 mod agent;
 mod browser;
 mod drills;
+mod packaging;
 mod s3;
 mod servers;
 mod util;
