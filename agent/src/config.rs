@@ -131,7 +131,13 @@
 //!
 //! `[[drill]]` (any number): `name` (required, unique), `source` (required,
 //! a source's name), `schedule` (required), `sample` (a percentage from 1 to
-//! 100, or `"full"`, the default) and `timeout`.
+//! 100, or `"full"`, the default), `paths` (restore only these absolute
+//! paths of the snapshot), `snapshot` (`"latest"`, the default, or
+//! `"random"`, drawn from the last `random_within`, default `7d`),
+//! `scratch_dir` (where sandboxes go, default `<state_dir>/drills/sandbox`),
+//! `max_disk` (refuse to start above this size, e.g. `"20G"`), `validate`
+//! (commands run against the restored tree, `{restore_dir}` substituted),
+//! `validate_timeout` (per command, default `10m`) and `timeout`.
 //!
 //! # Durations and schedules
 //!
@@ -3039,5 +3045,64 @@ sample = "half"
             .read_with(&no_env)
             .unwrap_err();
         assert!(missing.contains("create it"), "{missing}");
+    }
+
+    #[test]
+    fn drill_keys_parse_and_bad_values_name_their_lines() {
+        let ok = parse_ok(&with_minimal(
+            r#"
+[[source]]
+name = "db"
+command = ["pg_dump", "db"]
+schedule = "@hourly"
+rpo = "2h"
+
+[[drill]]
+name = "db-drill"
+source = "db"
+schedule = "@daily"
+snapshot = "random"
+random_within = "3d"
+paths = ["/db"]
+max_disk = "20G"
+validate = ["pg_restore --list {restore_dir}/db"]
+validate_timeout = "5m"
+"#,
+        ));
+        let d = &ok.drills[0];
+        assert_eq!(d.random_within, Some(Duration::from_secs(3 * 86400)));
+        assert_eq!(d.paths, ["/db"]);
+        assert_eq!(d.max_disk, Some(20 << 30));
+        assert_eq!(d.validate.len(), 1);
+        assert_eq!(d.validate_timeout, Duration::from_secs(300));
+        let text = with_minimal(
+            r#"
+[[source]]
+name = "db"
+command = ["pg_dump", "db"]
+schedule = "@hourly"
+rpo = "2h"
+
+[[drill]]
+name = "db-drill"
+source = "db"
+schedule = "@daily"
+snapshot = "oldest"
+max_disk = "lots"
+"#,
+        );
+        let err = parse_err(&text).to_string();
+        assert!(err.contains("snapshot") && err.contains("latest"), "{err}");
+        assert!(err.contains("max_disk"), "{err}");
+    }
+
+    #[test]
+    fn sizes_parse_in_binary_units() {
+        assert_eq!(parse_size("500M").unwrap(), 500 << 20);
+        assert_eq!(parse_size("20G").unwrap(), 20 << 30);
+        assert_eq!(parse_size("1TiB").unwrap(), 1 << 40);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("10X").unwrap_err().contains("unknown size unit"));
     }
 }

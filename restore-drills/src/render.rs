@@ -86,6 +86,11 @@ pub fn human_duration(secs: f64) -> String {
     if secs.is_infinite() {
         return "∞".to_string();
     }
+    // Sub-second phases of small drills read better in milliseconds than
+    // as "0.0s", which looks like nothing happened.
+    if secs > 0.0 && secs < 0.095 {
+        return format!("{}ms", ((secs * 1000.0).round() as u64).max(1));
+    }
     // Below 9.95 one decimal still rounds to less than ten seconds. `abs`
     // turns -0.0 into 0.0, which would otherwise print as "-0.0s".
     if secs < 9.95 {
@@ -1176,6 +1181,8 @@ mod tests {
         for (secs, expected) in [
             (0.0, "0.0s"),
             (-0.0, "0.0s"),
+            (0.0004, "1ms"),
+            (0.035, "35ms"),
             (0.4, "0.4s"),
             (9.9, "9.9s"),
             (9.96, "10s"),
