@@ -66,6 +66,9 @@ macro_rules! forward_through_call {
         fn location(&self) -> String {
             self.inner.location()
         }
+        fn exclusive_create(&self) -> bool {
+            self.inner.exclusive_create()
+        }
         fn remove_stale_temp_files(&self, older_than: Duration) -> Result<usize, BackendError> {
             self.call(MAINTENANCE_KEY, |b| b.remove_stale_temp_files(older_than))
         }
@@ -176,9 +179,6 @@ impl Backend for Retry {
     forward_through_call!();
     fn concurrency(&self) -> usize {
         self.inner.concurrency()
-    }
-    fn exclusive_create(&self) -> bool {
-        self.inner.exclusive_create()
     }
 }
 
@@ -440,9 +440,6 @@ impl Backend for CircuitBreaker {
     fn concurrency(&self) -> usize {
         self.inner.concurrency()
     }
-    fn exclusive_create(&self) -> bool {
-        self.inner.exclusive_create()
-    }
 }
 
 /// Observes a [`CircuitBreaker`] from outside the stack that owns it.
@@ -517,14 +514,10 @@ impl Limiter {
 
 impl Backend for Limiter {
     forward_through_call!();
-    /// The bound itself: engines sizing their pools above it would only
-    /// have threads queueing here.
+    /// The store's own preference, capped by the bound: engines sizing
+    /// their pools above the bound would only have threads queueing here.
     fn concurrency(&self) -> usize {
-        // The store's own preference, within the bulkhead.
         self.max_in_flight.min(self.inner.concurrency())
-    }
-    fn exclusive_create(&self) -> bool {
-        self.inner.exclusive_create()
     }
 }
 
