@@ -322,6 +322,29 @@ pub struct RepositoryConfig {
     pub cache_dir: Option<PathBuf>,
 }
 
+impl RepositoryConfig {
+    /// How to reach the store, as the core's [`open_store`] takes it.
+    ///
+    /// [`open_store`]: lifeboat_core::backend::open_store
+    pub fn store_options(&self) -> lifeboat_core::backend::StoreOptions {
+        lifeboat_core::backend::StoreOptions {
+            s3_endpoint: self.s3_endpoint.clone(),
+            s3_region: self.s3_region.clone(),
+            s3_path_style: self.s3_path_style,
+            s3_credentials: match (&self.s3_access_key_id, &self.s3_secret_access_key) {
+                (Some(id), Some(secret)) => Some(lifeboat_core::backend::S3Credentials {
+                    access_key_id: id.clone(),
+                    secret_access_key: secret.expose().to_string(),
+                }),
+                _ => None,
+            },
+            connections: self.connections.map(usize::from),
+            retry_for: None,
+            create_bucket: false,
+        }
+    }
+}
+
 /// A secret string whose `Debug` output is `<redacted>`.
 ///
 /// It deliberately has no `Display`, so it cannot end up in a message by

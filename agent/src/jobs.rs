@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use chrono::Utc;
+use lifeboat_core::backend::open_store;
 use lifeboat_core::backend::resilience::BreakerHandle;
-use lifeboat_core::backend::{open_store, S3Credentials, StoreOptions};
 use lifeboat_core::backup::{backup, backup_stdin, BackupOptions, Progress, StdinSource};
 use lifeboat_core::check::{check, CheckOptions};
 use lifeboat_core::prune::{prune, PruneOptions};
@@ -51,7 +51,7 @@ impl Agent {
             catalog,
             breaker: Mutex::new(None),
             shutdown,
-            host: hostname(),
+            host: lifeboat_core::hostname(),
         }
     }
 
@@ -68,22 +68,7 @@ impl Agent {
     /// Opens the repository the configuration names.
     pub fn open_repository(&self, config: &Config) -> Result<Repository, String> {
         let r = &config.repository;
-        let credentials = match (&r.s3_access_key_id, &r.s3_secret_access_key) {
-            (Some(id), Some(secret)) => Some(S3Credentials {
-                access_key_id: id.clone(),
-                secret_access_key: secret.expose().to_string(),
-            }),
-            _ => None,
-        };
-        let opts = StoreOptions {
-            s3_endpoint: r.s3_endpoint.clone(),
-            s3_region: r.s3_region.clone(),
-            s3_path_style: r.s3_path_style,
-            s3_credentials: credentials,
-            connections: r.connections.map(usize::from),
-            retry_for: None,
-            create_bucket: false,
-        };
+        let opts = r.store_options();
         let store = open_store(std::path::Path::new(&r.location), &opts)
             .map_err(|e| format!("cannot open the repository's store: {e}"))?;
         *self.breaker.lock().expect("poisoned") = Some(store.breaker.clone());
@@ -98,18 +83,6 @@ impl Agent {
             .clone()
             .unwrap_or_else(|| config.agent.state_dir.join("cache"))
     }
-}
-
-/// This host's name (gethostname), recorded in snapshots and drill reports.
-pub fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes into buf.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "localhost".to_string();
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 /// What one job produced.

@@ -137,20 +137,10 @@ impl AgentProbe {
         }
         let r = &config.repository;
         let opts = lifeboat_core::backend::StoreOptions {
-            s3_endpoint: r.s3_endpoint.clone(),
-            s3_region: r.s3_region.clone(),
-            s3_path_style: r.s3_path_style,
-            s3_credentials: match (&r.s3_access_key_id, &r.s3_secret_access_key) {
-                (Some(id), Some(secret)) => Some(lifeboat_core::backend::S3Credentials {
-                    access_key_id: id.clone(),
-                    secret_access_key: secret.expose().to_string(),
-                }),
-                _ => None,
-            },
             connections: Some(2),
             // A readiness probe must answer quickly: no long retries.
             retry_for: Some(Duration::from_secs(2)),
-            create_bucket: false,
+            ..r.store_options()
         };
         let store = lifeboat_core::backend::open_store(std::path::Path::new(&r.location), &opts)
             .map_err(|e| e.to_string())?

@@ -74,7 +74,7 @@ fn run(g: &Global, a: &DrillRunArgs) -> Result<u8> {
         rto_target: a.rto.as_deref().map(|r| duration("--rto", r)).transpose()?,
         rpo_target: None,
     };
-    let host = lifeboat_agent::jobs::hostname();
+    let host = lifeboat_core::hostname();
     let report = restore_drills::run(&repo, &spec, &host, &AtomicBool::new(false));
     if g.json || a.format == "json" {
         crate::commands::print_json(&serde_json::to_value(&report)?)?;

@@ -41,6 +41,7 @@ pub mod internals {
 }
 pub use crypto::DEFAULT_KDF_WORK_FACTOR;
 pub use error::{Error, Result};
+pub use fsmeta::hostname;
 pub use id::Id;
 pub use index::Index;
 pub use repo::{ChunkerParams, Config, InitOptions, KeyInfo, Repository, FORMAT_VERSION};

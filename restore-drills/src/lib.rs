@@ -32,6 +32,8 @@ use lifeboat_core::restore::{restore, RestoreOptions};
 use lifeboat_core::{Id, Node, NodeKind, Repository, Snapshot};
 use rand::seq::SliceRandom;
 
+use crate::render::human_bytes as bytes;
+
 pub use report::*;
 
 /// Which snapshot a drill restores.
@@ -757,22 +759,6 @@ fn free_space(dir: &Path) -> Option<u64> {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// Byte counts for humans.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 /// Loads every drill report stored in the repository, oldest first.

@@ -193,7 +193,7 @@ fn rpo_cells(r: &DrillReport) -> (String, String, String) {
 }
 
 /// Bytes in binary units, as the throughput is in MiB/s.
-fn human_bytes(bytes: u64) -> String {
+pub(crate) fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     if bytes < 1024 {
         return format!("{bytes} B");
