@@ -1593,6 +1593,7 @@ mod tests {
                     ..Default::default()
                 },
                 program: "lifeboat 0.1.0".to_string(),
+                locked_until: None,
             }
         }
         let tagged = lifeboat_core::Id::of_bytes(b"one");

@@ -93,11 +93,16 @@
 //! not at all (then the standard AWS chain applies). The secret comes from
 //! `s3_secret_access_key_file` (preferred: read at load time, one trailing
 //! newline trimmed) or inline `s3_secret_access_key`, never both.
-//! `connections` (1 to 1024) and `cache_dir` are optional.
+//! `connections` (1 to 1024) and `cache_dir` are optional. `writer_key =
+//! "/path"` makes a write-only backup host: the agent opens the repository
+//! with that credential (from `lifeboat key export-writer`) and has no
+//! `[passphrase]`; `[retention]`, `[check]` and `[[drill]]`, which need the
+//! full key, are refused there and belong on a drill host.
 //!
-//! `[passphrase]` (required): exactly one of `file = "/path"`,
-//! `env = "VARIABLE"` or `credential = "NAME"` (a systemd credential, read
-//! from `$CREDENTIALS_DIRECTORY/NAME`; see `LoadCredential=`).
+//! `[passphrase]` (required unless `writer_key` is given): exactly one of
+//! `file = "/path"`, `env = "VARIABLE"` or `credential = "NAME"` (a systemd
+//! credential, read from `$CREDENTIALS_DIRECTORY/NAME`; see
+//! `LoadCredential=`).
 //!
 //! `[agent]` (optional): `state_dir` (default `/var/lib/lifeboat`: catalog
 //! and agent state), `control_socket` (default `/run/lifeboat/agent.sock`),
@@ -137,7 +142,11 @@
 //! `scratch_dir` (where sandboxes go, default `<state_dir>/drills/sandbox`),
 //! `max_disk` (refuse to start above this size, e.g. `"20G"`), `validate`
 //! (commands run against the restored tree, `{restore_dir}` substituted),
-//! `validate_timeout` (per command, default `10m`) and `timeout`.
+//! `validate_timeout` (per command, default `10m`) and `timeout`. On a
+//! drill host that drills other hosts' snapshots (write-only backup hosts
+//! cannot drill their own), `host = "web1"` restricts the drill to that
+//! host's snapshots and lets `source` name one of *its* sources; `rto` then
+//! gives the RTO target, which otherwise comes from the local source.
 //!
 //! # Durations and schedules
 //!
@@ -203,6 +212,7 @@ const REPOSITORY_KEYS: &[&str] = &[
     "s3_secret_access_key_file",
     "connections",
     "cache_dir",
+    "writer_key",
 ];
 /// The repository keys that mean nothing for a directory repository.
 const S3_ONLY_KEYS: &[&str] = &[
@@ -267,6 +277,8 @@ const DRILL_KEYS: &[&str] = &[
     "max_disk",
     "validate",
     "validate_timeout",
+    "host",
+    "rto",
 ];
 
 /// What a type error says a schedule or a duration should look like.
@@ -286,7 +298,8 @@ pub struct Config {
     /// Where the repository is and how to reach it.
     pub repository: RepositoryConfig,
     /// Where the repository passphrase comes from; it is read when needed.
-    pub passphrase: PassphraseSource,
+    /// `None` on a write-only host (`repository.writer_key`).
+    pub passphrase: Option<PassphraseSource>,
     /// The daemon's own settings.
     pub agent: AgentSettings,
     /// What to back up, in file order.
@@ -320,6 +333,9 @@ pub struct RepositoryConfig {
     pub connections: Option<u16>,
     /// The local cache directory.
     pub cache_dir: Option<PathBuf>,
+    /// A write-only credential (`lifeboat key export-writer`) used instead
+    /// of a passphrase: the host can back up and nothing else.
+    pub writer_key: Option<PathBuf>,
 }
 
 impl RepositoryConfig {
@@ -341,6 +357,7 @@ impl RepositoryConfig {
             connections: self.connections.map(usize::from),
             retry_for: None,
             create_bucket: false,
+            bucket_object_lock: false,
         }
     }
 }
@@ -600,6 +617,11 @@ pub struct DrillConfig {
     pub validate: Vec<String>,
     /// How long each validation command may run (default 10 minutes).
     pub validate_timeout: Duration,
+    /// Drill only snapshots taken on this host. With it, `source` may name
+    /// another host's source (a drill host drilling write-only hosts).
+    pub host: Option<String>,
+    /// The RTO target when `source` is not one of this host's sources.
+    pub rto: Option<Duration>,
 }
 
 /// Parses a size such as `"500M"`, `"20G"` or `"1T"` (binary units) or a
@@ -1295,17 +1317,37 @@ fn read_config(
             )
         })
         .and_then(|section| read_repository(e, &section));
-    let passphrase = top
-        .table(e, "passphrase", PASSPHRASE_KEYS)
-        .or_else(|| {
-            top.missing(
+    let write_only = repository.as_ref().is_some_and(|r| r.writer_key.is_some());
+    let passphrase_section = top.table(e, "passphrase", PASSPHRASE_KEYS);
+    let passphrase = match (&passphrase_section, write_only) {
+        (Some(section), true) => {
+            section.error_here(
                 e,
-                "passphrase",
-                "add a [passphrase] table with file = \"/path\", env = \"VARIABLE\" \
-                 or credential = \"NAME\"",
-            )
-        })
-        .and_then(|section| read_passphrase(e, &section));
+                "a write-only host has no passphrase: give either [passphrase] (the full key) \
+                 or repository.writer_key (write-only), not both",
+            );
+            None
+        }
+        (Some(section), false) => read_passphrase(e, section).map(Some),
+        (None, true) => Some(None),
+        (None, false) => top.missing(
+            e,
+            "passphrase",
+            "add a [passphrase] table with file = \"/path\", env = \"VARIABLE\" \
+             or credential = \"NAME\" (or, on a write-only backup host, \
+             repository.writer_key = \"/path\")",
+        ),
+    };
+    let refuse_on_writer = |e: &mut Report, section: &Section<'_, '_>| {
+        if write_only {
+            section.error_here(
+                e,
+                "needs the repository's full key, and this host holds only a write-only \
+                 credential (repository.writer_key): run retention, check and drills from a \
+                 host with a [passphrase], such as a drill host",
+            );
+        }
+    };
     // Every [agent] key has a default, so a missing table reads as an empty one.
     let empty = DeTable::new();
     let agent_section = top
@@ -1330,15 +1372,20 @@ fn read_config(
 
     let retention = top
         .table(e, "retention", RETENTION_KEYS)
-        .and_then(|section| read_retention(e, &section));
-    let check = top
-        .table(e, "check", CHECK_KEYS)
-        .and_then(|section| read_check(e, &section));
+        .and_then(|section| {
+            refuse_on_writer(e, &section);
+            read_retention(e, &section)
+        });
+    let check = top.table(e, "check", CHECK_KEYS).and_then(|section| {
+        refuse_on_writer(e, &section);
+        read_check(e, &section)
+    });
 
     let mut drill_names = Names::default();
     let mut drills = Vec::new();
     for section in top.tables(e, "drill", DRILL_KEYS) {
         drill_names.note(e, &section, "drill");
+        refuse_on_writer(e, &section);
         if let Some(drill) = read_drill(e, &section, &source_names) {
             drills.push(drill);
         }
@@ -1471,6 +1518,7 @@ fn read_repository(e: &mut Report, s: &Section<'_, '_>) -> Option<RepositoryConf
         .integer(e, "connections", 1, 1024)
         .and_then(|n| u16::try_from(n).ok());
     let cache_dir = s.absolute_path(e, "cache_dir");
+    let writer_key = s.absolute_path(e, "writer_key");
 
     Some(RepositoryConfig {
         location: location?.to_string(),
@@ -1481,6 +1529,7 @@ fn read_repository(e: &mut Report, s: &Section<'_, '_>) -> Option<RepositoryConf
         s3_secret_access_key,
         connections,
         cache_dir,
+        writer_key,
     })
 }
 
@@ -1810,18 +1859,21 @@ fn read_drill(e: &mut Report, s: &Section<'_, '_>, sources: &Names) -> Option<Dr
             "name the [[source]] whose snapshots the drill restores",
         )
     });
+    let host = s.string(e, "host").map(str::to_string);
     if let Some(source) = source {
-        if !sources.contains(source) {
+        if !sources.contains(source) && host.is_none() {
             s.error(
                 e,
                 "source",
                 format!(
-                    "no [[source]] is named `{source}`; sources: {}",
+                    "no [[source]] is named `{source}`; sources: {} (to drill another \
+                     host's source from this drill host, add host = \"THAT-HOST\")",
                     sources.list()
                 ),
             );
         }
     }
+    let rto = s.nonzero_duration(e, "rto");
     let schedule = s.required_schedule(e, "run the drill");
     let sample_percent = read_sample(e, s);
     let timeout = s.timeout(e);
@@ -1877,6 +1929,8 @@ fn read_drill(e: &mut Report, s: &Section<'_, '_>, sources: &Names) -> Option<Dr
         max_disk,
         validate,
         validate_timeout,
+        host,
+        rto,
     })
 }
 
@@ -2281,7 +2335,9 @@ env = "LIFEBOAT_PASSPHRASE"
 
         assert_eq!(
             config.passphrase,
-            PassphraseSource::File(PathBuf::from("/etc/lifeboat/passphrase"))
+            Some(PassphraseSource::File(PathBuf::from(
+                "/etc/lifeboat/passphrase"
+            )))
         );
 
         let agent = &config.agent;
@@ -2368,7 +2424,7 @@ env = "LIFEBOAT_PASSPHRASE"
         let config = parse_ok(MINIMAL);
         assert_eq!(
             config.passphrase,
-            PassphraseSource::Env("LIFEBOAT_PASSPHRASE".to_string())
+            Some(PassphraseSource::Env("LIFEBOAT_PASSPHRASE".to_string()))
         );
         let agent = &config.agent;
         assert_eq!(agent.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
@@ -2614,6 +2670,53 @@ sample = "half"
         assert!(errors.errors[3]
             .message
             .starts_with("missing: add a [repository] table"));
+    }
+
+    #[test]
+    fn a_write_only_host_has_a_writer_key_instead_of_a_passphrase_and_only_backs_up() {
+        let base = "[repository]\nlocation = \"/repo\"\nwriter_key = \"/etc/lifeboat/writer.key\"\n\n\
+                    [[source]]\nname = \"etc\"\npaths = [\"/etc\"]\nschedule = \"@daily\"\nrpo = \"2d\"\n";
+        let config = parse_ok(base);
+        assert_eq!(config.passphrase, None);
+        assert_eq!(
+            config.repository.writer_key.as_deref(),
+            Some(Path::new("/etc/lifeboat/writer.key"))
+        );
+
+        let errors = parse_err(&format!("{base}\n[passphrase]\nenv = \"X\"\n"));
+        assert_eq!(errors.errors.len(), 1, "{errors}");
+        assert_eq!(errors.errors[0].key, "passphrase");
+        assert!(errors.errors[0].message.contains("not both"));
+
+        let errors = parse_err(&format!(
+            "{base}\n[retention]\nschedule = \"@daily\"\nkeep_last = 3\n\n\
+             [check]\nschedule = \"@weekly\"\n\n\
+             [[drill]]\nname = \"d\"\nsource = \"etc\"\nschedule = \"@weekly\"\n"
+        ));
+        let keys: Vec<&str> = errors.errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["retention", "check", "drill[0]"], "{errors}");
+        assert!(errors
+            .errors
+            .iter()
+            .all(|e| e.message.contains("full key") && e.message.contains("drill host")));
+    }
+
+    #[test]
+    fn a_drill_host_drills_another_hosts_source_by_naming_the_host() {
+        let base = "[repository]\nlocation = \"/repo\"\n\n[passphrase]\nenv = \"X\"\n\n";
+        let config = parse_ok(&format!(
+            "{base}[[drill]]\nname = \"web1-etc\"\nsource = \"etc\"\nhost = \"web1\"\n\
+             schedule = \"@weekly\"\nrto = \"4h\"\n"
+        ));
+        let drill = &config.drills[0];
+        assert_eq!(drill.host.as_deref(), Some("web1"));
+        assert_eq!(drill.rto, Some(Duration::from_secs(4 * 3600)));
+        let errors = parse_err(&format!(
+            "{base}[[drill]]\nname = \"web1-etc\"\nsource = \"etc\"\nschedule = \"@weekly\"\n"
+        ));
+        assert_eq!(errors.errors.len(), 1, "{errors}");
+        assert_eq!(errors.errors[0].key, "drill[0].source");
+        assert!(errors.errors[0].message.contains("host = "), "{errors}");
     }
 
     #[test]

@@ -72,7 +72,22 @@ impl Agent {
         let store = open_store(std::path::Path::new(&r.location), &opts)
             .map_err(|e| format!("cannot open the repository's store: {e}"))?;
         *self.breaker.lock().expect("poisoned") = Some(store.breaker.clone());
-        let passphrase = config.passphrase.read()?;
+        if let Some(path) = &r.writer_key {
+            let bytes = std::fs::read(path).map_err(|e| {
+                format!(
+                    "cannot read the writer credential {} (repository.writer_key): {e}",
+                    path.display()
+                )
+            })?;
+            let writer = lifeboat_core::WriterKey::from_file(&bytes, &path.display().to_string())
+                .map_err(|e| e.to_string())?;
+            return Repository::open_writer(store.backend, writer).map_err(|e| e.to_string());
+        }
+        let passphrase = config
+            .passphrase
+            .as_ref()
+            .ok_or("no [passphrase] in the configuration")?
+            .read()?;
         Repository::open(store.backend, &passphrase).map_err(|e| e.to_string())
     }
 
@@ -365,6 +380,7 @@ impl Agent {
                 host: s.host.clone(),
                 paths: s.paths.clone(),
                 tags: s.tags.clone(),
+                locked_until: s.locked_until,
             })
             .collect();
         let groups = apply_policy(
@@ -422,6 +438,7 @@ impl Agent {
             name: d.name.clone(),
             source: d.source.clone(),
             source_tag: source_tag(&d.source),
+            host: d.host.clone(),
             snapshot: match d.random_within {
                 Some(w) => restore_drills::SnapshotChoice::RandomWithin(w),
                 None => restore_drills::SnapshotChoice::Latest,
@@ -442,7 +459,7 @@ impl Agent {
                 })
                 .collect(),
             keep: false,
-            rto_target: source.and_then(|s| s.rto),
+            rto_target: source.and_then(|s| s.rto).or(d.rto),
             rpo_target: source.map(|s| s.rpo),
         };
         let report = restore_drills::run(&repo, &spec, &self.host, &progress.cancel);

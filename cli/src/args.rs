@@ -17,6 +17,8 @@ EXIT CODES:
     10   no repository at the given location
     12   wrong passphrase
     13   corruption found (check found problems, or data read was damaged)
+    14   needs the full key: the command reads or deletes what a write-only
+         credential (--writer-key) cannot; run it with a passphrase
     130  interrupted (Ctrl-C); the repository stays valid
     141  standard output was closed by its reader (e.g. `| head`); nothing
          else went wrong
@@ -32,6 +34,7 @@ ENVIRONMENT:
     LIFEBOAT_PASSPHRASE       the passphrase (instead of a prompt)
     LIFEBOAT_PASSPHRASE_FILE  file holding the passphrase (instead of --passphrase-file)
     LIFEBOAT_NEW_PASSPHRASE   new passphrase for `key add` and `key passwd`
+    LIFEBOAT_WRITER_KEY       write-only credential file (instead of --writer-key)
     LIFEBOAT_CACHE_DIR        local cache directory (default ~/.cache/lifeboat)
     LIFEBOAT_CONFIG           the agent's configuration file (default /etc/lifeboat/lifeboat.toml)
     LIFEBOAT_KDF_WORK_FACTOR  scrypt work factor (log2 N, 10-22, default 16) for keys
@@ -86,6 +89,11 @@ pub struct Global {
     /// Read the passphrase from this file (first line).
     #[arg(long, global = true, env = "LIFEBOAT_PASSPHRASE_FILE")]
     pub passphrase_file: Option<PathBuf>,
+    /// Open the repository with a write-only credential (from `key
+    /// export-writer`) instead of a passphrase: `backup` works, with full
+    /// dedup; every command that reads or deletes snapshots fails (exit 14).
+    #[arg(long, global = true, env = "LIFEBOAT_WRITER_KEY", value_name = "FILE")]
+    pub writer_key: Option<PathBuf>,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -171,6 +179,10 @@ pub struct DrillRunArgs {
     /// without it, any snapshot.
     #[arg(long)]
     pub source: Option<String>,
+    /// Drill only snapshots taken on this host (e.g. a write-only backup
+    /// host, drilled from a host that holds the passphrase).
+    #[arg(long)]
+    pub host: Option<String>,
     /// Restore this snapshot (ID prefix) instead of the latest.
     #[arg(long, conflicts_with = "random_within")]
     pub snapshot: Option<String>,
@@ -294,6 +306,18 @@ pub struct InitArgs {
     /// there (for scripts that set up a host idempotently).
     #[arg(long)]
     pub exists_ok: bool,
+    /// Keep every snapshot immutable for this many days with S3 Object Lock
+    /// (packs and index objects 1.5 times as long; backups extend the locks
+    /// of older packs they reuse). Recorded in the repository, so every
+    /// host honours it. Needs a bucket with Object Lock; a missing bucket
+    /// is created with it.
+    #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(1..=36_500))]
+    pub lock_days: Option<u32>,
+    /// Object Lock mode: `governance` (users with s3:BypassGovernanceRetention
+    /// may still delete) or `compliance` (nobody can, not even the account root).
+    #[arg(long, value_name = "MODE", default_value = "governance", requires = "lock_days",
+          value_parser = ["governance", "compliance"])]
+    pub lock_mode: String,
 }
 
 /// `backup`.
@@ -498,6 +522,15 @@ pub enum KeyCommand {
     /// object) to a file, for the emergency path with the `age` and `zstd`
     /// tools. Store it offline, like the passphrase.
     ExportIdentity {
+        /// File to create (mode 0600; never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write a write-only credential for backup hosts: it can add
+    /// snapshots (deduplicating against the whole repository) and read
+    /// nothing already stored. Use it with --writer-key or the agent's
+    /// repository.writer_key. See ARCHITECTURE.md for what it reveals.
+    ExportWriter {
         /// File to create (mode 0600; never overwritten).
         #[arg(long)]
         out: PathBuf,

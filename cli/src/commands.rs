@@ -22,6 +22,9 @@ use crate::output::{self, bytes, ProgressLine};
 /// Runs the parsed command line; returns the exit code.
 pub fn run(cli: Cli) -> Result<u8> {
     let g = &cli.global;
+    if g.writer_key.is_some() {
+        refuse_write_only(&cli.command)?;
+    }
     match &cli.command {
         Command::Init(a) => init(g, a),
         Command::Backup(a) => backup(g, a),
@@ -44,14 +47,74 @@ pub fn run(cli: Cli) -> Result<u8> {
     }
 }
 
+/// With a writer credential, only what adds snapshots can run: everything
+/// else reads or deletes what the credential cannot. Refused before the
+/// repository is touched, naming the command.
+fn refuse_write_only(command: &Command) -> Result<()> {
+    let name = match command {
+        // The agent and its commands read repository.writer_key from
+        // their configuration and refuse jobs that need more there.
+        Command::Backup(_)
+        | Command::Config(_)
+        | Command::Status(_)
+        | Command::Agent(_)
+        | Command::Run(_)
+        | Command::GenerateAssets { .. } => return Ok(()),
+        Command::Init(_) => "init",
+        Command::Snapshots(_) => "snapshots",
+        Command::Ls(_) => "ls",
+        Command::Diff(_) => "diff",
+        Command::Restore(_) => "restore",
+        Command::Dump(_) => "dump",
+        Command::Check(_) => "check",
+        Command::Forget(_) => "forget",
+        Command::Prune(_) => "prune",
+        Command::Key(_) => "key",
+        Command::Catalog(_) => "catalog rebuild",
+        Command::Drill(_) => "drill",
+    };
+    Err(lifeboat_core::Error::NeedsFullKey {
+        operation: format!("`lifeboat {name}`"),
+    }
+    .into())
+}
+
+/// Opens the repository for a backup: with the writer credential when one
+/// is given, otherwise with the passphrase.
+fn open_for_backup(g: &Global) -> Result<Repository> {
+    let Some(path) = &g.writer_key else {
+        return open(g);
+    };
+    let writer = read_writer_key(path)?;
+    Ok(Repository::open_writer(backend(g)?, writer)?)
+}
+
+/// Reads a writer credential file.
+pub(crate) fn read_writer_key(path: &std::path::Path) -> Result<lifeboat_core::WriterKey> {
+    let bytes = std::fs::read(path).with_context(|| {
+        format!(
+            "reading the writer credential {} (create it on a host with the passphrase: `lifeboat key export-writer --out FILE`)",
+            path.display()
+        )
+    })?;
+    Ok(lifeboat_core::WriterKey::from_file(
+        &bytes,
+        &path.display().to_string(),
+    )?)
+}
+
 /// Opens the repository's store, wrapped in the resilience layers (retry,
 /// circuit breaker, concurrency limit, timeouts; see
 /// `lifeboat_core::backend::resilience`).
 fn backend(g: &Global) -> Result<Arc<dyn Backend>> {
-    open_backend(g, false)
+    open_backend(g, false, false)
 }
 
-fn open_backend(g: &Global, create_bucket: bool) -> Result<Arc<dyn Backend>> {
+fn open_backend(
+    g: &Global,
+    create_bucket: bool,
+    bucket_object_lock: bool,
+) -> Result<Arc<dyn Backend>> {
     let repo = g.repo.clone().ok_or_else(|| {
         anyhow!("no repository given: use --repo PATH (or s3://BUCKET/PREFIX) or set LIFEBOAT_REPOSITORY")
     })?;
@@ -63,6 +126,7 @@ fn open_backend(g: &Global, create_bucket: bool) -> Result<Arc<dyn Backend>> {
         connections: g.connections.map(usize::from),
         retry_for: Some(std::time::Duration::from_secs(g.retry_secs)),
         create_bucket,
+        bucket_object_lock,
     };
     Ok(open_store(&repo, &opts)?.backend)
 }
@@ -145,7 +209,14 @@ pub(crate) fn print_json(v: &serde_json::Value) -> Result<()> {
 }
 
 fn init(g: &Global, a: &InitArgs) -> Result<u8> {
-    let b = open_backend(g, true)?;
+    let lock = match a.lock_days {
+        Some(days) => Some(lifeboat_core::LockPolicy {
+            mode: a.lock_mode.parse().map_err(|e: String| anyhow!(e))?,
+            days,
+        }),
+        None => None,
+    };
+    let b = open_backend(g, true, lock.is_some())?;
     let p = passphrase(
         g.passphrase_file.as_ref(),
         "LIFEBOAT_PASSPHRASE",
@@ -156,6 +227,7 @@ fn init(g: &Global, a: &InitArgs) -> Result<u8> {
         compression: a.compression,
         pack_size: a.pack_size.saturating_mul(1024 * 1024),
         kdf_work_factor: kdf_work_factor()?,
+        lock,
         ..InitOptions::default()
     };
     let repo = match Repository::init(b.clone(), &p, &opts) {
@@ -178,6 +250,13 @@ fn init(g: &Global, a: &InitArgs) -> Result<u8> {
             b.location()
         );
         println!("keep the passphrase safe: without it the data cannot be recovered");
+        if let Some(l) = lock {
+            println!(
+                "snapshots stay immutable for {} days (Object Lock, {} mode)",
+                l.days,
+                l.mode.as_str()
+            );
+        }
     }
     output::ok()
 }
@@ -192,7 +271,7 @@ fn backup(g: &Global, a: &BackupArgs) -> Result<u8> {
             },
         );
     }
-    let repo = open(g)?;
+    let repo = open_for_backup(g)?;
     let mut excludes = a.excludes.clone();
     for f in &a.exclude_file {
         let text = std::fs::read_to_string(f)
@@ -695,6 +774,7 @@ fn forget(g: &Global, a: &ForgetArgs) -> Result<u8> {
                 host: s.host.clone(),
                 paths: s.paths.clone(),
                 tags: s.tags.clone(),
+                locked_until: s.locked_until,
             })
             .collect();
         let groups = retention::apply_policy(
@@ -738,6 +818,28 @@ fn forget(g: &Global, a: &ForgetArgs) -> Result<u8> {
             }
         }
         json_groups = serde_json::to_value(&groups)?;
+    }
+    // The store would refuse (or, in a versioned bucket, only hide) a
+    // locked snapshot: name it instead of trying.
+    let now = chrono::Utc::now();
+    let locked: Vec<String> = remove
+        .iter()
+        .filter_map(|(id, s)| {
+            s.locked_until.filter(|u| *u > now).map(|u| {
+                format!(
+                    "{} (until {})",
+                    id.short(),
+                    u.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                )
+            })
+        })
+        .collect();
+    if !locked.is_empty() {
+        bail!(
+            "refusing to forget {} snapshot(s) still under Object Lock: {}; nothing was removed. They can be forgotten after those dates",
+            locked.len(),
+            locked.join(", ")
+        );
     }
     if !a.dry_run {
         for (id, _) in &remove {
@@ -819,6 +921,14 @@ fn prune_repo(g: &Global, repo: &Repository, a: &PruneArgs) -> Result<u8> {
                 r.temp_files_removed
             );
         }
+        if r.packs_locked > 0 {
+            println!(
+                "{} unused packs ({}) are kept under Object Lock; a prune after {} can start removing them",
+                r.packs_locked,
+                bytes(r.bytes_locked),
+                r.next_unlock.as_deref().unwrap_or("their locks end")
+            );
+        }
         if let Some(t) = &r.next_deletion_after {
             println!(
                 "condemned data is deleted by a prune run after {t} (grace period {})",
@@ -887,11 +997,35 @@ fn key(g: &Global, k: &KeyCommand) -> Result<u8> {
                 "# lifeboat repository {} identity: decrypts every object",
                 repo.config().id
             )?;
-            writeln!(f, "{}", repo.key().identity_string())?;
+            writeln!(
+                f,
+                "{}",
+                repo.master_key("exporting the identity")?.identity_string()
+            )?;
             f.sync_all()?;
             if !g.quiet && !g.json {
                 println!(
                     "wrote the repository identity to {}; keep it offline and secret",
+                    out.display()
+                );
+            }
+        }
+        KeyCommand::ExportWriter { out } => {
+            let writer = repo.writer_key()?;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(out)
+                .with_context(|| format!("creating {} (it must not exist yet)", out.display()))?;
+            f.write_all(&writer.to_file())?;
+            f.sync_all()?;
+            if g.json {
+                print_json(&json!({"writer_key": out, "repository": repo.config().id}))?;
+            } else if !g.quiet {
+                println!(
+                    "wrote a write-only credential to {}: copy it to backup hosts and use it with --writer-key (or repository.writer_key in the agent's configuration); it can add snapshots and read none",
                     out.display()
                 );
             }

@@ -46,6 +46,7 @@ fn run(g: &Global, a: &DrillRunArgs) -> Result<u8> {
             .as_deref()
             .map(lifeboat_agent::catalog::source_tag)
             .unwrap_or_default(),
+        host: a.host.clone(),
         snapshot: match (&a.snapshot, &a.random_within) {
             (Some(id), _) => SnapshotChoice::Given(id.clone()),
             (None, Some(w)) => SnapshotChoice::RandomWithin(duration("--random-within", w)?),

@@ -21,6 +21,8 @@ pub const NO_REPOSITORY: u8 = 10;
 pub const WRONG_PASSPHRASE: u8 = 12;
 /// Exit code: corruption found.
 pub const CORRUPT: u8 = 13;
+/// Exit code: the command needs the full key, and only a writer credential is held.
+pub const NEEDS_FULL_KEY: u8 = 14;
 /// Exit code: interrupted (Ctrl-C, or the agent stopping a job).
 pub const INTERRUPTED: u8 = 130;
 
@@ -44,6 +46,7 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         Some(Error::WrongPassphrase) => WRONG_PASSPHRASE,
         Some(Error::Corrupt { .. }) | Some(Error::Missing { .. }) => CORRUPT,
         Some(Error::Interrupted) => INTERRUPTED,
+        Some(Error::NeedsFullKey { .. }) => NEEDS_FULL_KEY,
         _ => FAILURE,
     }
 }

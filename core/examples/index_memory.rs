@@ -45,6 +45,7 @@ fn main() {
         builder.add_file(&IndexFile {
             version: 1,
             packs: vec![IndexPack {
+                locked_until: None,
                 id: Id::of_bytes(&(p as u64).to_le_bytes()),
                 kind: BlobKind::Data,
                 size: 16 << 20,

@@ -30,6 +30,7 @@ use std::sync::Mutex;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
+use crate::backend::Retention;
 use crate::cache::{CacheEntry, FileCache};
 use crate::chunker::Chunker;
 use crate::error::{Error, Result};
@@ -196,6 +197,8 @@ fn insert_selection(sel: &mut BTreeMap<Vec<u8>, Sel>, comps: &[Vec<u8>]) {
 /// State shared with the compression workers.
 struct Shared<'r> {
     repo: &'r Repository,
+    /// The Object Lock retention of this backup's packs and index objects.
+    retention: Option<Retention>,
     packers: Mutex<HashMap<BlobKind, PackBuilder>>,
     unindexed: Mutex<Vec<IndexPack>>,
     written_packs: Mutex<Vec<Id>>,
@@ -249,9 +252,11 @@ impl Shared<'_> {
     /// pack writes an index object so an interrupted backup leaves its
     /// uploaded packs usable by the next one.
     fn upload_pack(&self, pack: SealedPack, progress: &Progress) -> Result<()> {
-        self.repo
-            .backend()
-            .put(&pack_key(&pack.id), &pack.ciphertext)?;
+        self.repo.put_object(
+            &pack_key(&pack.id),
+            &pack.ciphertext,
+            self.retention.as_ref(),
+        )?;
         progress
             .bytes_stored
             .fetch_add(pack.ciphertext.len() as u64, Ordering::Relaxed);
@@ -259,6 +264,7 @@ impl Shared<'_> {
         let full = {
             let mut unindexed = self.unindexed.lock().expect("poisoned");
             unindexed.push(IndexPack {
+                locked_until: self.retention.map(|r| r.until),
                 id: pack.id,
                 kind: pack.kind,
                 size: pack.ciphertext.len() as u64,
@@ -271,12 +277,13 @@ impl Shared<'_> {
             }
         };
         if !full.is_empty() {
-            self.repo.save_json(
+            self.repo.save_json_retained(
                 "index",
                 &IndexFile {
                     version: 1,
                     packs: full,
                 },
+                self.retention.as_ref(),
             )?;
         }
         Ok(())
@@ -422,7 +429,7 @@ impl Storer<'_, '_> {
     /// Names a blob and queues it for storage unless the repository (or this
     /// backup) already has it.
     fn store_blob(&self, kind: BlobKind, data: Vec<u8>) -> Result<Id> {
-        let id = self.repo.key().id_for(kind, &data);
+        let id = self.repo.ids().id_for(kind, &data);
         self.store_named(id, kind, data)?;
         Ok(id)
     }
@@ -999,8 +1006,10 @@ fn run(
         Some(dir) => Some(FileCache::open(dir, &repo.config().id)?),
         None => None,
     };
+    let lock = repo.lock_policy();
     let shared = Shared {
         repo,
+        retention: lock.map(|l| l.pack_retention(started_at)),
         packers: Mutex::new(HashMap::new()),
         unindexed: Mutex::new(Vec::new()),
         written_packs: Mutex::new(Vec::new()),
@@ -1023,7 +1032,7 @@ fn run(
         tx: Mutex::new(Some(tx)),
         shared: &shared,
         progress,
-        seed: repo.key().chunker_seed(),
+        seed: chunker_seed(repo.ids()),
     };
     let mut walker = Walker {
         storer: &storer,
@@ -1161,23 +1170,19 @@ fn run(
     }
     let rest = std::mem::take(&mut *shared.unindexed.lock().expect("poisoned"));
     if !rest.is_empty() {
-        repo.save_json(
+        repo.save_json_retained(
             "index",
             &IndexFile {
                 version: 1,
                 packs: rest,
             },
+            shared.retention.as_ref(),
         )?;
     }
     // A prune that started after us may have condemned packs we reused; if
     // so, committing would reference data about to be deleted.
-    let mut depends_on: HashSet<Id> = storer
-        .reused_packs
-        .lock()
-        .expect("poisoned")
-        .iter()
-        .map(|&pos| index.pack(pos).id)
-        .collect();
+    let reused_packs = storer.reused_packs.lock().expect("poisoned").clone();
+    let mut depends_on: HashSet<Id> = reused_packs.iter().map(|&pos| index.pack(pos).id).collect();
     depends_on.extend(
         shared
             .written_packs
@@ -1187,6 +1192,10 @@ fn run(
             .copied(),
     );
     crate::prune::check_no_new_condemnation(repo, &plans_seen, &depends_on)?;
+    let snapshot_retention = lock.map(|l| l.snapshot_retention(chrono::Utc::now()));
+    if let (Some(lock), Some(needed)) = (lock, snapshot_retention) {
+        extend_locks(repo, &index, &reused_packs, lock, needed.until)?;
+    }
 
     let mut summary = walker.summary.clone();
     summary.blobs_added = shared.blobs_added.load(Ordering::Relaxed);
@@ -1204,8 +1213,10 @@ fn run(
         incomplete: summary.errors > 0,
         summary,
         program: format!("lifeboat {}", env!("CARGO_PKG_VERSION")),
+        locked_until: snapshot_retention.map(|r| r.until),
     };
-    let snapshot_id = repo.save_json("snapshots", &snapshot)?;
+    let snapshot_id =
+        repo.save_json_retained("snapshots", &snapshot, snapshot_retention.as_ref())?;
     if let Some(cache) = walker.cache.take() {
         cache.commit()?;
     }
@@ -1216,11 +1227,62 @@ fn run(
     })
 }
 
-impl crate::crypto::MasterKey {
-    /// The FastCDC gear seed, derived from the chunk key so that chunk
-    /// boundaries (and so blob sizes) do not fingerprint known files.
-    pub(crate) fn chunker_seed(&self) -> u64 {
-        let id = self.blob_id(b"lifeboat chunker seed v1");
-        u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes"))
+/// The FastCDC gear seed, derived from the chunk key so that chunk
+/// boundaries (and so blob sizes) do not fingerprint known files.
+pub(crate) fn chunker_seed(key: &crate::crypto::ChunkKey) -> u64 {
+    let id = key.blob_id(b"lifeboat chunker seed v1");
+    u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes"))
+}
+
+/// Extends the Object Lock of every older pack the new snapshot reuses
+/// whose retention ends before `needed` (the snapshot's own), so a locked
+/// snapshot never depends on a pack that could already be deleted. The
+/// extension goes to a full pack retention from now (half as long again
+/// as a snapshot's), so a pack is extended about once per `days / 2`
+/// however often it is reused; an index object records the new dates,
+/// itself retained as long, so prune knows them.
+pub(crate) fn extend_locks(
+    repo: &Repository,
+    index: &crate::index::Index,
+    reused: &HashSet<u32>,
+    lock: crate::repo::LockPolicy,
+    needed: chrono::DateTime<chrono::Utc>,
+) -> Result<()> {
+    let stale: HashSet<u32> = reused
+        .iter()
+        .copied()
+        .filter(|&pos| index.pack(pos).locked_until.is_none_or(|u| u < needed))
+        .collect();
+    if stale.is_empty() {
+        return Ok(());
     }
+    let retention = lock.pack_retention(chrono::Utc::now());
+    let mut packs = index.index_packs(&stale);
+    let extended = crate::parallel::map(
+        packs.iter().map(|p| p.id).collect(),
+        crate::parallel::io_threads(repo.backend()),
+        |id: Id| repo.backend().extend_retention(&pack_key(&id), &retention),
+    );
+    for r in extended {
+        r?;
+    }
+    log::info!(
+        "extended the Object Lock of {} reused pack(s) to {}",
+        packs.len(),
+        retention.until
+    );
+    for p in &mut packs {
+        p.locked_until = Some(retention.until);
+    }
+    for chunk in packs.chunks(1000) {
+        repo.save_json_retained(
+            "index",
+            &IndexFile {
+                version: 1,
+                packs: chunk.to_vec(),
+            },
+            Some(&retention),
+        )?;
+    }
+    Ok(())
 }

@@ -63,6 +63,9 @@ pub struct CheckReport {
 
 /// Checks the repository.
 pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
+    // A writer credential would see every snapshot as unreadable, which is
+    // not damage: refuse instead of reporting it as such.
+    repo.require_full_key("check")?;
     let mut report = CheckReport::default();
 
     // Indexes.
@@ -304,7 +307,7 @@ fn verify_pack(
             continue;
         };
         match decode_blob(frame, b.raw_length) {
-            Ok(data) if repo.key().id_for(kind, &data) == b.id => verified += 1,
+            Ok(data) if repo.ids().id_for(kind, &data) == b.id => verified += 1,
             Ok(_) => {
                 errors.push(format!(
                     "pack {}: blob {} does not match its ID",

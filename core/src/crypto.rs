@@ -10,6 +10,13 @@
 //!
 //! The master secret is stored in the repository once per passphrase, each
 //! copy encrypted with age's scrypt passphrase mode in a small JSON key file.
+//!
+//! Since format 2 the master secret also holds an *index identity*: index
+//! objects and prune plans (blob IDs, pack layout, nothing of names or
+//! content) are encrypted to it as well as to the repository's recipients.
+//! A [`WriterKey`] (`lifeboat key export-writer`) carries only that identity,
+//! the chunk key and the public recipients: enough to deduplicate against
+//! the whole repository and add snapshots, not to read any of them.
 
 use std::io::{Read, Write};
 use std::str::FromStr;
@@ -89,8 +96,52 @@ impl Recipients {
 #[derive(Clone)]
 pub struct MasterKey {
     identity: age::x25519::Identity,
-    chunk_key: [u8; 32],
+    /// Absent in keys of format-1 repositories, which predate writer keys.
+    index_identity: Option<age::x25519::Identity>,
+    chunk_key: ChunkKey,
     mac_key: [u8; 32],
+}
+
+/// The key that names blobs (keyed BLAKE3) and seeds the chunker. A full
+/// key and a writer key both hold it: a writer must name new blobs exactly
+/// as every other host does, or nothing would deduplicate.
+#[derive(Clone)]
+pub struct ChunkKey([u8; 32]);
+
+impl std::fmt::Debug for ChunkKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChunkKey(..)")
+    }
+}
+
+impl ChunkKey {
+    /// The keyed BLAKE3 ID of a blob's plaintext.
+    pub fn blob_id(&self, plaintext: &[u8]) -> Id {
+        Id(*blake3::keyed_hash(&self.0, plaintext).as_bytes())
+    }
+
+    /// The keyed BLAKE3 ID of a tree blob. Trees are hashed with a key of
+    /// their own so that no file's content can ever share an ID with a tree
+    /// (a file holding `{"nodes":[]}` would otherwise dedup with every empty
+    /// directory's tree and make it unreadable as a tree).
+    pub fn tree_id(&self, plaintext: &[u8]) -> Id {
+        let tree_key = blake3::keyed_hash(&self.0, b"lifeboat tree key v1");
+        Id(*blake3::keyed_hash(tree_key.as_bytes(), plaintext).as_bytes())
+    }
+
+    /// The ID of a blob of `kind`.
+    pub fn id_for(&self, kind: crate::pack::BlobKind, plaintext: &[u8]) -> Id {
+        match kind {
+            crate::pack::BlobKind::Data => self.blob_id(plaintext),
+            crate::pack::BlobKind::Tree => self.tree_id(plaintext),
+        }
+    }
+
+    fn from_hex(hex_key: &str) -> Option<ChunkKey> {
+        let mut key = [0u8; 32];
+        hex::decode_to_slice(hex_key, &mut key).ok()?;
+        Some(ChunkKey(key))
+    }
 }
 
 impl std::fmt::Debug for MasterKey {
@@ -105,6 +156,8 @@ struct SecretJson {
     identity: String,
     chunk_key: String,
     mac_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    index_identity: Option<String>,
 }
 
 /// A key file as stored under `keys/`: who made it and when (in plaintext,
@@ -130,7 +183,8 @@ impl MasterKey {
     pub fn generate() -> MasterKey {
         MasterKey {
             identity: age::x25519::Identity::generate(),
-            chunk_key: rand::random(),
+            index_identity: Some(age::x25519::Identity::generate()),
+            chunk_key: ChunkKey(rand::random()),
             mac_key: rand::random(),
         }
     }
@@ -140,26 +194,17 @@ impl MasterKey {
         self.identity.to_public().to_string()
     }
 
-    /// The keyed BLAKE3 ID of a blob's plaintext.
-    pub fn blob_id(&self, plaintext: &[u8]) -> Id {
-        Id(*blake3::keyed_hash(&self.chunk_key, plaintext).as_bytes())
+    /// The recipient of the index identity: index objects and prune plans
+    /// are encrypted to it too. `None` for a format-1 repository's key.
+    pub fn index_recipient(&self) -> Option<String> {
+        self.index_identity
+            .as_ref()
+            .map(|i| i.to_public().to_string())
     }
 
-    /// The keyed BLAKE3 ID of a tree blob. Trees are hashed with a key of
-    /// their own so that no file's content can ever share an ID with a tree
-    /// (a file holding `{"nodes":[]}` would otherwise dedup with every empty
-    /// directory's tree and make it unreadable as a tree).
-    pub fn tree_id(&self, plaintext: &[u8]) -> Id {
-        let tree_key = blake3::keyed_hash(&self.chunk_key, b"lifeboat tree key v1");
-        Id(*blake3::keyed_hash(tree_key.as_bytes(), plaintext).as_bytes())
-    }
-
-    /// The ID of a blob of `kind`.
-    pub fn id_for(&self, kind: crate::pack::BlobKind, plaintext: &[u8]) -> Id {
-        match kind {
-            crate::pack::BlobKind::Data => self.blob_id(plaintext),
-            crate::pack::BlobKind::Tree => self.tree_id(plaintext),
-        }
+    /// The key that names blobs.
+    pub fn chunk(&self) -> &ChunkKey {
+        &self.chunk_key
     }
 
     /// A MAC over `bytes` (authenticates the plaintext config).
@@ -170,16 +215,9 @@ impl MasterKey {
     /// Decrypts an age file encrypted to this repository. `what` names the
     /// object in the error if it fails.
     pub fn decrypt(&self, ciphertext: &[u8], what: &dyn Fn() -> String) -> Result<Vec<u8>> {
-        let decryptor = age::Decryptor::new_buffered(ciphertext)
-            .map_err(|e| Error::corrupt(what(), format!("not an age file: {e}")))?;
-        let mut reader = decryptor
-            .decrypt(std::iter::once(&self.identity as &dyn age::Identity))
-            .map_err(|e| Error::corrupt(what(), format!("cannot decrypt: {e}")))?;
-        let mut out = Vec::with_capacity(ciphertext.len());
-        reader
-            .read_to_end(&mut out)
-            .map_err(|e| Error::corrupt(what(), format!("authentication failed: {e}")))?;
-        Ok(out)
+        age_decrypt(&self.identity, ciphertext, what, |object| {
+            Error::corrupt(object, "not encrypted to this repository's key")
+        })
     }
 
     /// Decrypts what can be decrypted of a damaged age file. age
@@ -244,8 +282,12 @@ impl MasterKey {
     pub fn seal(&self, passphrase: &str, work_factor: u8) -> KeyFile {
         let secret = SecretJson {
             identity: self.identity.to_string().expose_secret().to_string(),
-            chunk_key: hex::encode(self.chunk_key),
+            chunk_key: hex::encode(self.chunk_key.0),
             mac_key: hex::encode(self.mac_key),
+            index_identity: self
+                .index_identity
+                .as_ref()
+                .map(|i| i.to_string().expose_secret().to_string()),
         };
         let plaintext = serde_json::to_vec(&secret).expect("serialising a struct");
         let mut recipient = age::scrypt::Recipient::new(SecretString::from(passphrase.to_string()));
@@ -301,12 +343,16 @@ impl MasterKey {
         let bad = |what: &str| Error::corrupt(format!("key {name}"), format!("bad {what}"));
         let identity =
             age::x25519::Identity::from_str(&secret.identity).map_err(|_| bad("identity"))?;
-        let mut chunk_key = [0u8; 32];
-        hex::decode_to_slice(&secret.chunk_key, &mut chunk_key).map_err(|_| bad("chunk key"))?;
+        let index_identity = match &secret.index_identity {
+            Some(s) => Some(age::x25519::Identity::from_str(s).map_err(|_| bad("index identity"))?),
+            None => None,
+        };
+        let chunk_key = ChunkKey::from_hex(&secret.chunk_key).ok_or_else(|| bad("chunk key"))?;
         let mut mac_key = [0u8; 32];
         hex::decode_to_slice(&secret.mac_key, &mut mac_key).map_err(|_| bad("mac key"))?;
         Ok(Some(MasterKey {
             identity,
+            index_identity,
             chunk_key,
             mac_key,
         }))
@@ -316,6 +362,158 @@ impl MasterKey {
     /// path (`lifeboat key show-identity`).
     pub fn identity_string(&self) -> String {
         self.identity.to_string().expose_secret().to_string()
+    }
+
+    /// The writer credential for this key's repository, or `None` for a
+    /// format-1 repository (whose index objects no writer could read).
+    pub fn writer_key(&self, repository: &str, recipients: &[String]) -> Option<WriterKey> {
+        Some(WriterKey {
+            repository: repository.to_string(),
+            recipients: recipients.to_vec(),
+            index_identity: self.index_identity.clone()?,
+            chunk_key: self.chunk_key.clone(),
+        })
+    }
+}
+
+/// Decrypts an age file with one X25519 identity.
+/// `not_for_us` makes the error for a file that is not encrypted to it.
+fn age_decrypt(
+    identity: &age::x25519::Identity,
+    ciphertext: &[u8],
+    what: &dyn Fn() -> String,
+    not_for_us: fn(String) -> Error,
+) -> Result<Vec<u8>> {
+    let decryptor = age::Decryptor::new_buffered(ciphertext)
+        .map_err(|e| Error::corrupt(what(), format!("not an age file: {e}")))?;
+    let mut reader = decryptor
+        .decrypt(std::iter::once(identity as &dyn age::Identity))
+        .map_err(|e| match e {
+            age::DecryptError::NoMatchingKeys => not_for_us(what()),
+            e => Error::corrupt(what(), format!("cannot decrypt: {e}")),
+        })?;
+    let mut out = Vec::with_capacity(ciphertext.len());
+    reader
+        .read_to_end(&mut out)
+        .map_err(|e| Error::corrupt(what(), format!("authentication failed: {e}")))?;
+    Ok(out)
+}
+
+/// The `format` of a writer credential file.
+const WRITER_FORMAT: &str = "lifeboat-writer-credential";
+
+/// A write-only credential: what a host needs to add snapshots to one
+/// repository and nothing that decrypts what is already there. It holds
+/// the repository's ID and public recipients (pinned: a config naming other
+/// recipients is refused, so nobody can redirect a writer's backups to
+/// their own key), the chunk key (to name blobs as every host does), and
+/// the index identity (to read index objects and prune plans, which hold
+/// blob IDs and pack layout, no names or content).
+#[derive(Clone)]
+pub struct WriterKey {
+    repository: String,
+    recipients: Vec<String>,
+    index_identity: age::x25519::Identity,
+    chunk_key: ChunkKey,
+}
+
+impl std::fmt::Debug for WriterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WriterKey({}, ..)", self.repository)
+    }
+}
+
+/// A writer credential file as written by `key export-writer`.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WriterFile {
+    format: String,
+    version: u32,
+    repository: String,
+    recipients: Vec<String>,
+    index_identity: String,
+    chunk_key: String,
+    created: String,
+    host: String,
+}
+
+impl WriterKey {
+    /// The repository ID this credential belongs to.
+    pub fn repository(&self) -> &str {
+        &self.repository
+    }
+
+    /// The recipients the credential pins.
+    pub fn recipients(&self) -> &[String] {
+        &self.recipients
+    }
+
+    /// The public half of the index identity.
+    pub fn index_recipient(&self) -> String {
+        self.index_identity.to_public().to_string()
+    }
+
+    /// The key that names blobs.
+    pub fn chunk(&self) -> &ChunkKey {
+        &self.chunk_key
+    }
+
+    /// Decrypts an index object or prune plan. Anything else (packs,
+    /// snapshots, key files) is not encrypted to the index identity and
+    /// fails with [`Error::NeedsFullKey`].
+    pub fn decrypt(&self, ciphertext: &[u8], what: &dyn Fn() -> String) -> Result<Vec<u8>> {
+        age_decrypt(&self.index_identity, ciphertext, what, |object| {
+            Error::NeedsFullKey {
+                operation: format!("reading {object}"),
+            }
+        })
+    }
+
+    /// The credential file's bytes (JSON; keep it mode 0600).
+    pub fn to_file(&self) -> Vec<u8> {
+        let file = WriterFile {
+            format: WRITER_FORMAT.to_string(),
+            version: 1,
+            repository: self.repository.clone(),
+            recipients: self.recipients.clone(),
+            index_identity: self.index_identity.to_string().expose_secret().to_string(),
+            chunk_key: hex::encode(self.chunk_key.0),
+            created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            host: crate::fsmeta::hostname(),
+        };
+        let mut out = serde_json::to_vec_pretty(&file).expect("serialising a struct");
+        out.push(b'\n');
+        out
+    }
+
+    /// Parses a credential file; `name` (its path) goes into errors.
+    pub fn from_file(bytes: &[u8], name: &str) -> Result<WriterKey> {
+        let bad = |what: String| {
+            Error::Invalid(format!(
+                "{name} is not a lifeboat writer credential ({what}); create one with `lifeboat key export-writer --out FILE`"
+            ))
+        };
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
+        if value.get("format").and_then(|f| f.as_str()) != Some(WRITER_FORMAT) {
+            return Err(bad("no \"format\": \"lifeboat-writer-credential\"".into()));
+        }
+        let file: WriterFile = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+        if file.version != 1 {
+            return Err(bad(format!(
+                "version {} is newer than this lifeboat understands; upgrade lifeboat",
+                file.version
+            )));
+        }
+        Recipients::parse(&file.recipients).map_err(|e| bad(e.to_string()))?;
+        Ok(WriterKey {
+            repository: file.repository,
+            recipients: file.recipients,
+            index_identity: age::x25519::Identity::from_str(&file.index_identity)
+                .map_err(|_| bad("bad index identity".into()))?,
+            chunk_key: ChunkKey::from_hex(&file.chunk_key)
+                .ok_or_else(|| bad("bad chunk key".into()))?,
+        })
     }
 }
 
@@ -330,7 +528,7 @@ mod tests {
         let opened = MasterKey::unseal(&file, "correct horse", "k")
             .unwrap()
             .unwrap();
-        assert_eq!(opened.blob_id(b"x"), key.blob_id(b"x"));
+        assert_eq!(opened.chunk().blob_id(b"x"), key.chunk().blob_id(b"x"));
         assert!(MasterKey::unseal(&file, "wrong", "k").unwrap().is_none());
     }
 
@@ -382,7 +580,7 @@ mod tests {
     fn blob_ids_depend_on_the_repository_key() {
         let a = MasterKey::generate();
         let b = MasterKey::generate();
-        assert_ne!(a.blob_id(b"same"), b.blob_id(b"same"));
-        assert_eq!(a.blob_id(b"same"), a.blob_id(b"same"));
+        assert_ne!(a.chunk().blob_id(b"same"), b.chunk().blob_id(b"same"));
+        assert_eq!(a.chunk().blob_id(b"same"), a.chunk().blob_id(b"same"));
     }
 }

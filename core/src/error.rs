@@ -82,6 +82,13 @@ pub enum Error {
     /// point; nothing was committed.
     #[error("interrupted before it finished; nothing was committed, and the next run reuses what was uploaded")]
     Interrupted,
+    /// A host holding only a write-only credential tried to read or delete
+    /// what only the full key may.
+    #[error("{operation} needs the repository's full key (a passphrase), and this host holds only a write-only credential; run it on a host that can open the repository with a passphrase, such as a drill host")]
+    NeedsFullKey {
+        /// What was attempted, e.g. `restore` or `reading snapshots object 3fa2…`.
+        operation: String,
+    },
     /// The caller asked for something invalid.
     #[error("{0}")]
     Invalid(String),

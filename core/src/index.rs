@@ -24,6 +24,10 @@ pub struct IndexPack {
     pub size: u64,
     /// The pack's blobs.
     pub blobs: Vec<PackEntry>,
+    /// End of the pack's Object Lock retention as of this index object
+    /// (a later index object may record an extension; the latest wins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_until: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// The JSON of an index object.
@@ -57,6 +61,8 @@ pub struct PackInfo {
     pub kind: BlobKind,
     /// Stored size.
     pub size: u64,
+    /// End of its Object Lock retention, the latest any index object records.
+    pub locked_until: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Collects index objects; [`IndexBuilder::build`] freezes them into an
@@ -85,13 +91,21 @@ impl IndexBuilder {
     /// Adds one pack.
     pub fn add_pack(&mut self, pack: &IndexPack) {
         let pos = match self.pack_pos.get(&pack.id) {
-            Some(&pos) => pos,
+            Some(&pos) => {
+                // The same pack in several index objects (a lock extension,
+                // a consolidation racing a backup): its blobs are listed
+                // once, and the latest retention counts.
+                let info = &mut self.packs[pos as usize];
+                info.locked_until = info.locked_until.max(pack.locked_until);
+                return;
+            }
             None => {
                 let pos = self.packs.len() as u32;
                 self.packs.push(PackInfo {
                     id: pack.id,
                     kind: pack.kind,
                     size: pack.size,
+                    locked_until: pack.locked_until,
                 });
                 self.pack_pos.insert(pack.id, pos);
                 pos
@@ -177,6 +191,41 @@ impl Index {
             .map(|i| start + i)
     }
 
+    /// The index records of the packs at `positions` (blobs in offset
+    /// order), with their known retention: what a backup writes again when
+    /// it extends those packs' Object Lock.
+    pub fn index_packs(&self, positions: &std::collections::HashSet<u32>) -> Vec<IndexPack> {
+        let mut blobs: HashMap<u32, Vec<PackEntry>> = HashMap::new();
+        for (id, loc) in self
+            .entries
+            .iter()
+            .filter(|e| positions.contains(&e.1.pack))
+        {
+            blobs.entry(loc.pack).or_default().push(PackEntry {
+                id: *id,
+                offset: loc.offset,
+                length: loc.length,
+                raw_length: loc.raw_length,
+            });
+        }
+        let mut out: Vec<IndexPack> = blobs
+            .into_iter()
+            .map(|(pos, mut blobs)| {
+                blobs.sort_by_key(|b| b.offset);
+                let info = &self.packs[pos as usize];
+                IndexPack {
+                    locked_until: info.locked_until,
+                    id: info.id,
+                    kind: info.kind,
+                    size: info.size,
+                    blobs,
+                }
+            })
+            .collect();
+        out.sort_by_key(|p| p.id);
+        out
+    }
+
     /// Where a blob is.
     pub fn get(&self, id: &Id) -> Option<(&PackInfo, BlobLocation)> {
         self.position(id).map(|i| {
@@ -231,6 +280,7 @@ impl Index {
                 continue;
             }
             b.add_pack(&IndexPack {
+                locked_until: None,
                 id: info.id,
                 kind: info.kind,
                 size: info.size,
@@ -259,12 +309,14 @@ mod tests {
     fn lookups_find_every_blob_and_a_duplicate_survives_losing_one_pack() {
         let mut b = IndexBuilder::new();
         let p1 = IndexPack {
+            locked_until: None,
             id: Id::of_bytes(b"p1"),
             kind: BlobKind::Data,
             size: 1,
             blobs: vec![entry(1, 0), entry(2, 10)],
         };
         let p2 = IndexPack {
+            locked_until: None,
             id: Id::of_bytes(b"p2"),
             kind: BlobKind::Data,
             size: 1,
@@ -296,6 +348,7 @@ mod tests {
             let file = IndexFile {
                 version: 1,
                 packs: vec![IndexPack {
+                    locked_until: None,
                     id: Id::of_bytes(b"p"),
                     kind: BlobKind::Tree,
                     size: 99,

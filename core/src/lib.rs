@@ -39,16 +39,22 @@ pub mod internals {
         decode_blob, parse_pack, raw_frame, BlobEncoder, BlobKind, PackBuilder, PackEntry,
     };
 }
+pub use backend::{LockMode, Retention};
+pub use crypto::WriterKey;
 pub use crypto::DEFAULT_KDF_WORK_FACTOR;
 pub use error::{Error, Result};
 pub use fsmeta::hostname;
 pub use id::Id;
 pub use index::Index;
-pub use repo::{ChunkerParams, Config, InitOptions, KeyInfo, Repository, FORMAT_VERSION};
+pub use repo::{
+    ChunkerParams, Config, InitOptions, KeyInfo, LockPolicy, Repository, FORMAT_VERSION,
+};
 pub use tree::{Bytes, Node, NodeKind, Snapshot, Summary, Tree};
 
 #[cfg(test)]
 mod engine_tests;
+#[cfg(test)]
+mod write_only_tests;
 
 /// Helpers shared by the unit tests.
 #[cfg(test)]

@@ -19,6 +19,13 @@
 //! seen names a pack they reused or wrote, they refuse to commit (their data
 //! stays, and the next run reuses it). A snapshot is therefore either visible
 //! to the delete phase's re-check or was never committed.
+//!
+//! With Object Lock, prune never tries to delete a retained object: packs
+//! whose retention (as the index records it) has not ended are neither
+//! condemned, repacked nor deleted, and index objects are kept while any
+//! pack they list could still be locked. The report says how much waits
+//! for a lock to end, and from when. "Now" is the store's clock, the one
+//! that enforces the locks.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
@@ -104,6 +111,12 @@ pub struct PruneReport {
     pub packs_too_young: usize,
     /// Temporary files of interrupted writes removed.
     pub temp_files_removed: usize,
+    /// Unused packs kept because their Object Lock has not ended.
+    pub packs_locked: usize,
+    /// Bytes in those packs.
+    pub bytes_locked: u64,
+    /// When the first of those locks ends (RFC 3339): a prune after it frees space.
+    pub next_unlock: Option<String>,
     /// Total packs in the repository.
     pub packs_total: usize,
     /// Packs in use.
@@ -174,13 +187,55 @@ fn storage_now(repo: &Repository) -> Result<SystemTime> {
     let key = format!("pending/clock-{}", hex::encode(rand::random::<[u8; 8]>()));
     repo.backend().put(&key, b"")?;
     let t = repo.backend().stat(&key)?.modified;
-    repo.backend().delete(&key)?;
+    // A bucket with a default retention locks even this object; it is
+    // empty, and its name is not a plan's, so leaving it costs nothing.
+    if let Err(e) = repo.backend().delete(&key) {
+        log::warn!("could not delete the clock probe {key}: {e}");
+    }
     Ok(t)
+}
+
+/// When each pack's Object Lock ends, as far as the repository knows.
+struct Locks {
+    now: chrono::DateTime<chrono::Utc>,
+    /// Retention of packs no index lists, from their upload time (every
+    /// pack of a locked repository is uploaded with a pack retention).
+    unindexed: Option<crate::repo::LockPolicy>,
+}
+
+impl Locks {
+    /// The end of `pack`'s lock if it has not passed.
+    fn until(
+        &self,
+        indexed: Option<&IndexPack>,
+        stored: Option<&crate::backend::ObjectInfo>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
+        let until = match indexed {
+            Some(p) => p.locked_until,
+            None => match (self.unindexed, stored) {
+                (Some(policy), Some(info)) => {
+                    Some(policy.pack_retention(info.modified.into()).until)
+                }
+                _ => None,
+            },
+        };
+        until.filter(|u| *u > self.now)
+    }
+}
+
+fn note_locked(report: &mut PruneReport, until: chrono::DateTime<chrono::Utc>, bytes: u64) {
+    report.packs_locked += 1;
+    report.bytes_locked += bytes;
+    let until = until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    if report.next_unlock.as_ref().is_none_or(|d| *d > until) {
+        report.next_unlock = Some(until);
+    }
 }
 
 /// Runs both phases of prune. With a zero grace period the plan written by
 /// this run is executed by this run too (safe only when no backup runs).
 pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
+    repo.require_full_key("prune")?;
     let mut report = prune_once(repo, opts)?;
     let temp = report.temp_files_removed;
     if opts.grace.is_zero() && !opts.dry_run && report.packs_condemned > 0 {
@@ -191,6 +246,9 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         report.plans_waiting = second.plans_waiting;
         report.next_deletion_after = second.next_deletion_after;
         report.packs_total = second.packs_total;
+        report.packs_locked = second.packs_locked;
+        report.bytes_locked = second.bytes_locked;
+        report.next_unlock = second.next_unlock;
         report.temp_files_removed = temp + second.temp_files_removed;
     }
     Ok(report)
@@ -200,16 +258,28 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     let mut report = PruneReport::default();
     let backend = repo.backend();
     let now = storage_now(repo)?;
+    let locks = Locks {
+        now: now.into(),
+        unindexed: repo.lock_policy(),
+    };
 
-    // Load the index files individually: we rewrite them.
+    // Load the index files individually: we rewrite them. An index object
+    // is retained as long as the shortest-locked pack it lists (see
+    // `backup`), so it stays while that lock has not ended.
     let index_ids = repo.list_ids("index")?;
     let mut index_packs: HashMap<Id, IndexPack> = HashMap::new();
+    let mut index_locked: HashSet<Id> = HashSet::new();
     let mut index = crate::index::IndexBuilder::new();
     for id in &index_ids {
         let file: IndexFile = repo.load_json("index", id)?;
         index.add_file(&file);
+        let shortest = file.packs.iter().map(|p| p.locked_until).min().flatten();
+        if shortest.is_some_and(|u| u > locks.now) {
+            index_locked.insert(*id);
+        }
         for p in file.packs {
-            index_packs.entry(p.id).or_insert(p);
+            let entry = index_packs.entry(p.id).or_insert_with(|| p.clone());
+            entry.locked_until = entry.locked_until.max(p.locked_until);
         }
     }
     let stored: HashMap<Id, crate::backend::ObjectInfo> = repo.stored_packs()?;
@@ -270,6 +340,10 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     }
     let mut to_delete = Vec::new();
     for pack in &matured {
+        if let Some(until) = locks.until(index_packs.get(pack), stored.get(pack)) {
+            note_locked(&mut report, until, stored.get(pack).map_or(0, |o| o.size));
+            continue;
+        }
         let needed = index_packs
             .get(pack)
             .map(|p| {
@@ -309,9 +383,12 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
             continue;
         }
         let old_enough = now.duration_since(info.modified).unwrap_or_default() >= min_age;
+        let locked = locks.until(index_packs.get(pack_id), Some(info));
         match index_packs.get(pack_id) {
             None => {
-                if old_enough {
+                if let (true, Some(until)) = (old_enough, locked) {
+                    note_locked(&mut report, until, info.size);
+                } else if old_enough {
                     newly_condemned.push(*pack_id);
                     report.bytes_condemned += info.size;
                 } else {
@@ -328,12 +405,17 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
                     .sum();
                 if live == 0 && !old_enough {
                     report.packs_too_young += 1;
+                } else if let (0, Some(until)) = (live, locked) {
+                    note_locked(&mut report, until, info.size);
                 } else if live == 0 {
                     newly_condemned.push(*pack_id);
                     report.bytes_condemned += info.size;
                 } else {
                     report.packs_used += 1;
-                    if total > 0 && (total - live) as f64 / total as f64 > opts.max_unused {
+                    if total > 0
+                        && (total - live) as f64 / total as f64 > opts.max_unused
+                        && locked.is_none()
+                    {
                         to_repack.push(p);
                     }
                 }
@@ -387,12 +469,15 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         }
     }
     if !new_packs.is_empty() {
-        repo.save_json(
+        repo.save_json_retained(
             "index",
             &IndexFile {
                 version: 1,
                 packs: new_packs.clone(),
             },
+            repo.lock_policy()
+                .map(|l| l.pack_retention(locks.now))
+                .as_ref(),
         )?;
     }
     if !newly_condemned.is_empty() {
@@ -431,7 +516,7 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
                 },
             )?;
         }
-        for id in &index_ids {
+        for id in index_ids.iter().filter(|id| !index_locked.contains(id)) {
             backend.delete(&format!("index/{id}"))?;
         }
         for pack in &to_delete {
@@ -450,8 +535,12 @@ fn write_pack(repo: &Repository, builder: PackBuilder) -> Result<IndexPack> {
     let (plain, header) = builder.finish();
     let ct = repo.recipients().encrypt(&plain);
     let id = Id::of_bytes(&ct);
-    repo.backend().put(&pack_key(&id), &ct)?;
+    let retention = repo
+        .lock_policy()
+        .map(|l| l.pack_retention(chrono::Utc::now()));
+    repo.put_object(&pack_key(&id), &ct, retention.as_ref())?;
     Ok(IndexPack {
+        locked_until: retention.map(|r| r.until),
         id,
         kind,
         size: ct.len() as u64,

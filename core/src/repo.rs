@@ -11,6 +11,12 @@
 //! | `snapshots/<id>` | age(zstd(JSON snapshot)) |
 //! | `pending/<id>` | age(zstd(JSON prune plan)): packs condemned by phase one of a prune |
 //!
+//! Index objects and prune plans are also encrypted to the index recipient
+//! (format 2), so a host holding only a writer credential can deduplicate
+//! and respect prune plans without reading any snapshot, tree or pack. With
+//! an Object Lock policy, packs, index objects and snapshots are written
+//! with a retention date (see [`LockPolicy`]).
+//!
 //! `init` writes the key before the config, so a repository exists (has a
 //! `config`) only once it can be opened. Every other object name is the hash
 //! of its bytes, so a retried write is a no-op and nothing is ever rewritten.
@@ -21,16 +27,20 @@ use std::sync::{Arc, Mutex};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, BackendError, PutOutcome};
-use crate::crypto::{KeyFile, MasterKey, Recipients, DEFAULT_KDF_WORK_FACTOR};
+use crate::backend::{Backend, BackendError, LockMode, PutOutcome, Retention};
+use crate::crypto::{ChunkKey, KeyFile, MasterKey, Recipients, WriterKey, DEFAULT_KDF_WORK_FACTOR};
 use crate::error::{Error, Result};
 use crate::id::Id;
 use crate::index::{Index, IndexFile};
 use crate::pack::{decode_blob, BlobKind};
 use crate::tree::{Snapshot, Tree};
 
-/// The repository format version this binary reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The repository format version this binary writes. Version 2 added the
+/// index recipient (writer credentials) and the Object Lock policy; version
+/// 1 repositories are still read and written, without those.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this binary reads.
+const OLDEST_FORMAT_VERSION: u32 = 1;
 /// The `format` field of every lifeboat repository config.
 const FORMAT_NAME: &str = "lifeboat-repository";
 /// Decrypted packs kept for reading trees and single blobs. Trees are
@@ -83,6 +93,13 @@ pub struct Config {
     pub pack_size: u32,
     /// age recipients every object is encrypted to.
     pub recipients: Vec<String>,
+    /// The recipient index objects and prune plans are also encrypted to,
+    /// so writer credentials can read them (format 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_recipient: Option<String>,
+    /// Object Lock retention for new packs, index objects and snapshots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<LockPolicy>,
     /// MAC of the config with this field empty, keyed by the master key.
     #[serde(default)]
     pub mac: String,
@@ -93,6 +110,42 @@ impl Config {
         let mut c = self.clone();
         c.mac.clear();
         serde_json::to_vec(&c).expect("config serialises")
+    }
+}
+
+/// How long new objects are kept immutable by the store's Object Lock.
+///
+/// A snapshot is retained for `days` after it is written. Packs and index
+/// objects are retained half as long again (`days * 3 / 2`), and a backup
+/// extends the retention of every older pack its snapshot needs whose lock
+/// would end before the snapshot's, so a still-locked snapshot never
+/// depends on an unlocked pack while extensions stay rare (about one per
+/// pack every `days / 2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockPolicy {
+    /// Governance (privileged users may lift it) or compliance (nobody can).
+    pub mode: LockMode,
+    /// Days a snapshot stays locked.
+    pub days: u32,
+}
+
+impl LockPolicy {
+    /// The retention a snapshot written now gets.
+    pub fn snapshot_retention(&self, now: chrono::DateTime<chrono::Utc>) -> Retention {
+        Retention {
+            mode: self.mode,
+            until: now + chrono::Duration::days(i64::from(self.days)),
+        }
+    }
+
+    /// The retention new packs and index objects written now get (and an
+    /// older pack is extended to).
+    pub fn pack_retention(&self, now: chrono::DateTime<chrono::Utc>) -> Retention {
+        Retention {
+            mode: self.mode,
+            until: now + chrono::Duration::hours(i64::from(self.days) * 36),
+        }
     }
 }
 
@@ -107,6 +160,8 @@ pub struct InitOptions {
     pub chunker: ChunkerParams,
     /// scrypt work factor of the first key.
     pub kdf_work_factor: u8,
+    /// Object Lock policy; the store must support Object Lock.
+    pub lock: Option<LockPolicy>,
 }
 
 impl Default for InitOptions {
@@ -116,6 +171,7 @@ impl Default for InitOptions {
             pack_size: 8 * 1024 * 1024,
             chunker: ChunkerParams::default(),
             kdf_work_factor: DEFAULT_KDF_WORK_FACTOR,
+            lock: None,
         }
     }
 }
@@ -143,14 +199,30 @@ pub struct KeyFileMeta {
     pub user: String,
 }
 
-/// An open repository: the backend, its config and the master key.
+/// What the process holds of the repository's keys.
+#[derive(Debug)]
+enum Access {
+    /// A key opened with a passphrase: reads and writes everything.
+    Full {
+        /// The master key.
+        key: MasterKey,
+        /// Its key file's name under `keys/`.
+        name: String,
+    },
+    /// A writer credential: adds snapshots, reads only index objects and
+    /// prune plans.
+    Writer(WriterKey),
+}
+
+/// An open repository: the backend, its config and the key in use.
 #[derive(Debug)]
 pub struct Repository {
     backend: Arc<dyn Backend>,
     config: Config,
-    key: MasterKey,
-    key_name: String,
+    access: Access,
     recipients: Recipients,
+    /// `recipients` plus the index recipient (for index objects and plans).
+    index_recipients: Recipients,
     pack_cache: Mutex<PackCache>,
 }
 
@@ -229,7 +301,7 @@ fn read_config_once(backend: &dyn Backend) -> Result<Config> {
             hint: "upgrade lifeboat to a release that supports it",
         });
     }
-    if version < FORMAT_VERSION {
+    if version < OLDEST_FORMAT_VERSION {
         return Err(Error::UnsupportedVersion {
             found: version,
             supported: FORMAT_VERSION,
@@ -254,6 +326,18 @@ fn read_config_once(backend: &dyn Backend) -> Result<Config> {
         return Err(Error::corrupt(
             "repository config",
             "a value is out of range (id, chunker sizes, pack size or compression)",
+        ));
+    }
+    if version == 1 && (config.index_recipient.is_some() || config.lock.is_some()) {
+        return Err(Error::corrupt(
+            "repository config",
+            "format 1 has no index recipient or lock policy",
+        ));
+    }
+    if config.lock.is_some_and(|l| !(1..=36_500).contains(&l.days)) {
+        return Err(Error::corrupt(
+            "repository config",
+            "lock days out of range (1 to 36500)",
         ));
     }
     Ok(config)
@@ -290,6 +374,20 @@ impl Repository {
                 "chunker sizes must satisfy 64 KiB <= min <= avg <= max <= 64 MiB".into(),
             ));
         }
+        if let Some(lock) = opts.lock {
+            if !(1..=36_500).contains(&lock.days) {
+                return Err(Error::Invalid(format!(
+                    "--lock-days {} is out of range: give 1 to 36500 days",
+                    lock.days
+                )));
+            }
+            if !backend.object_lock() {
+                return Err(Error::Invalid(format!(
+                    "{} has no Object Lock, so --lock-days cannot be honoured: use an S3 bucket created with Object Lock enabled (`aws s3api create-bucket --object-lock-enabled-for-bucket`; `lifeboat init` creates a missing bucket that way), or drop --lock-days",
+                    backend.location()
+                )));
+            }
+        }
         let key = MasterKey::generate();
         let mut config = Config {
             format: FORMAT_NAME.to_string(),
@@ -300,6 +398,8 @@ impl Repository {
             compression: opts.compression,
             pack_size: opts.pack_size.clamp(1024 * 1024, 512 * 1024 * 1024),
             recipients: vec![key.recipient()],
+            index_recipient: key.index_recipient(),
+            lock: opts.lock,
             mac: String::new(),
         };
         config.mac = key.mac(&config.mac_input());
@@ -317,15 +417,58 @@ impl Repository {
                 location: backend.location(),
             });
         }
+        Repository::assemble(
+            backend,
+            config,
+            Access::Full {
+                key,
+                name: key_name,
+            },
+        )
+    }
+
+    fn assemble(backend: Arc<dyn Backend>, config: Config, access: Access) -> Result<Repository> {
         let recipients = Recipients::parse(&config.recipients)?;
+        let mut with_index = config.recipients.clone();
+        with_index.extend(config.index_recipient.clone());
+        let index_recipients = Recipients::parse(&with_index)?;
         Ok(Repository {
             backend,
             config,
-            key,
-            key_name,
+            access,
             recipients,
+            index_recipients,
             pack_cache: Mutex::new(PackCache::new(PACK_CACHE_BYTES)),
         })
+    }
+
+    /// Opens an existing repository with a writer credential: backups work
+    /// (deduplicating against the whole repository); anything that reads
+    /// snapshots, trees or packs fails with [`Error::NeedsFullKey`].
+    ///
+    /// The config is not authenticated by a MAC here (the MAC key would let
+    /// a writer forge configs); instead the credential pins the repository
+    /// ID, recipients and index recipient, and a config naming others is
+    /// refused.
+    pub fn open_writer(backend: Arc<dyn Backend>, writer: WriterKey) -> Result<Repository> {
+        let config = read_config(backend.as_ref())?;
+        if config.id != writer.repository() {
+            return Err(Error::Invalid(format!(
+                "the writer credential belongs to repository {}, but {} holds repository {}; export a credential for this repository with `lifeboat key export-writer`",
+                &writer.repository()[..writer.repository().len().min(8)],
+                backend.location(),
+                &config.id[..8]
+            )));
+        }
+        if config.recipients != writer.recipients()
+            || config.index_recipient.as_deref() != Some(writer.index_recipient().as_str())
+        {
+            return Err(Error::corrupt(
+                "repository config",
+                "its recipients differ from the ones the writer credential pins: the config was altered outside lifeboat (backing up would encrypt to keys the repository owner does not hold)",
+            ));
+        }
+        Repository::assemble(backend, config, Access::Writer(writer))
     }
 
     /// Opens an existing repository with a passphrase.
@@ -347,23 +490,13 @@ impl Repository {
                     continue;
                 }
             };
-            {
-                if key.mac(&config.mac_input()) != config.mac {
-                    return Err(Error::corrupt(
-                        "repository config",
-                        "its MAC does not match: it was altered outside lifeboat",
-                    ));
-                }
-                let recipients = Recipients::parse(&config.recipients)?;
-                return Ok(Repository {
-                    backend,
-                    config,
-                    key,
-                    key_name: name,
-                    recipients,
-                    pack_cache: Mutex::new(PackCache::new(PACK_CACHE_BYTES)),
-                });
+            if key.mac(&config.mac_input()) != config.mac {
+                return Err(Error::corrupt(
+                    "repository config",
+                    "its MAC does not match: it was altered outside lifeboat",
+                ));
             }
+            return Repository::assemble(backend, config, Access::Full { key, name });
         }
         if !damaged.is_empty() {
             return Err(Error::Invalid(format!(
@@ -385,9 +518,67 @@ impl Repository {
         &self.config
     }
 
-    /// The master key.
-    pub fn key(&self) -> &MasterKey {
-        &self.key
+    /// The key that names blobs (held by full and writer keys alike).
+    pub fn ids(&self) -> &ChunkKey {
+        match &self.access {
+            Access::Full { key, .. } => key.chunk(),
+            Access::Writer(w) => w.chunk(),
+        }
+    }
+
+    /// True when the repository was opened with a writer credential.
+    pub fn is_write_only(&self) -> bool {
+        matches!(self.access, Access::Writer(_))
+    }
+
+    /// The master key, or [`Error::NeedsFullKey`] naming `operation` for a
+    /// writer credential.
+    pub fn master_key(&self, operation: &str) -> Result<&MasterKey> {
+        match &self.access {
+            Access::Full { key, .. } => Ok(key),
+            Access::Writer(_) => Err(Error::NeedsFullKey {
+                operation: operation.to_string(),
+            }),
+        }
+    }
+
+    /// Fails with [`Error::NeedsFullKey`] unless the full key is held.
+    pub fn require_full_key(&self, operation: &str) -> Result<()> {
+        self.master_key(operation).map(|_| ())
+    }
+
+    /// The writer credential for this repository (`key export-writer`).
+    pub fn writer_key(&self) -> Result<WriterKey> {
+        let key = self.master_key("exporting a writer credential")?;
+        key.writer_key(&self.config.id, &self.config.recipients)
+            .filter(|_| self.config.index_recipient == key.index_recipient())
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "repository {} uses format {}, which predates writer credentials (its index objects are readable only with the full key); create a new repository with this lifeboat and back up into it to use write-only hosts",
+                    &self.config.id[..8],
+                    self.config.version
+                ))
+            })
+    }
+
+    /// The repository's Object Lock policy, if any.
+    pub fn lock_policy(&self) -> Option<LockPolicy> {
+        self.config.lock
+    }
+
+    fn key_name(&self) -> &str {
+        match &self.access {
+            Access::Full { name, .. } => name,
+            Access::Writer(_) => "",
+        }
+    }
+
+    /// Decrypts an object with whatever key is held.
+    fn decrypt(&self, ciphertext: &[u8], what: &dyn Fn() -> String) -> Result<Vec<u8>> {
+        match &self.access {
+            Access::Full { key, .. } => key.decrypt(ciphertext, what),
+            Access::Writer(w) => w.decrypt(ciphertext, what),
+        }
     }
 
     /// The recipients new objects are encrypted to.
@@ -397,12 +588,13 @@ impl Repository {
 
     /// Lists the repository's keys.
     pub fn list_keys(&self) -> Result<Vec<KeyInfo>> {
+        self.require_full_key("listing keys")?;
         let mut out = Vec::new();
         for info in self.backend.list("keys/")? {
             let file = load_key_file(self.backend.as_ref(), &info.key)?;
             let id = info.key.trim_start_matches("keys/").to_string();
             out.push(KeyInfo {
-                current: id == self.key_name,
+                current: id == self.key_name(),
                 id,
                 file: KeyFileMeta {
                     created: file.created,
@@ -422,7 +614,8 @@ impl Repository {
                 "the new passphrase must not be empty".into(),
             ));
         }
-        write_key(self.backend.as_ref(), &self.key, passphrase, work_factor)
+        let key = self.master_key("adding a key")?;
+        write_key(self.backend.as_ref(), key, passphrase, work_factor)
     }
 
     /// Removes a key. Refuses to remove the key in use (so nobody locks
@@ -458,19 +651,49 @@ impl Repository {
     /// then removes the current key. Returns the new key's ID.
     pub fn change_passphrase(&self, new_passphrase: &str, work_factor: u8) -> Result<String> {
         let id = self.add_key(new_passphrase, work_factor)?;
-        self.backend.delete(&format!("keys/{}", self.key_name))?;
+        self.backend.delete(&format!("keys/{}", self.key_name()))?;
         Ok(id)
     }
 
     /// Encrypts and stores a JSON object under `prefix/`; returns its ID.
+    /// Index objects and prune plans are also encrypted to the index
+    /// recipient (readable by writer credentials); everything else only to
+    /// the repository's recipients.
     pub fn save_json<T: Serialize>(&self, prefix: &str, value: &T) -> Result<Id> {
+        self.save_json_retained(prefix, value, None)
+    }
+
+    /// [`save_json`](Self::save_json) with an Object Lock retention.
+    pub fn save_json_retained<T: Serialize>(
+        &self,
+        prefix: &str,
+        value: &T,
+        retention: Option<&Retention>,
+    ) -> Result<Id> {
         let json = serde_json::to_vec(value).expect("objects serialise");
         let compressed =
             zstd::bulk::compress(&json, 3).map_err(|e| Error::Invalid(format!("zstd: {e}")))?;
-        let ciphertext = self.recipients.encrypt(&compressed);
+        let recipients = match prefix {
+            "index" | "pending" => &self.index_recipients,
+            _ => &self.recipients,
+        };
+        let ciphertext = recipients.encrypt(&compressed);
         let id = Id::of_bytes(&ciphertext);
-        self.backend.put(&format!("{prefix}/{id}"), &ciphertext)?;
+        self.put_object(&format!("{prefix}/{id}"), &ciphertext, retention)?;
         Ok(id)
+    }
+
+    /// Stores an object, with an Object Lock retention when one is given.
+    pub fn put_object(
+        &self,
+        key: &str,
+        bytes: &[u8],
+        retention: Option<&Retention>,
+    ) -> Result<PutOutcome> {
+        Ok(match retention {
+            Some(r) => self.backend.put_retained(key, bytes, r)?,
+            None => self.backend.put(key, bytes)?,
+        })
     }
 
     /// Reads an object named by the hash of its bytes. A copy that does not
@@ -505,7 +728,7 @@ impl Repository {
         if !intact {
             return Err(Error::corrupt(what(), "content does not match its name"));
         }
-        let compressed = self.key.decrypt(&ciphertext, &what)?;
+        let compressed = self.decrypt(&ciphertext, &what)?;
         let mut json = Vec::new();
         let mut decoder = zstd::stream::read::Decoder::new(compressed.as_slice())
             .map_err(|e| Error::corrupt(what(), e.to_string()))?;
@@ -588,6 +811,7 @@ impl Repository {
 
     /// Loads every snapshot, oldest first.
     pub fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
+        self.require_full_key("reading snapshots")?;
         let ids = self.list_ids("snapshots")?;
         let loaded = crate::parallel::map(
             ids.clone(),
@@ -632,7 +856,7 @@ impl Repository {
                 "content does not match its name (checksum mismatch)",
             ));
         }
-        self.key.decrypt(&bytes, &what)
+        self.master_key("reading packs")?.decrypt(&bytes, &what)
     }
 
     /// Reads a pack, salvaging what it can when it is damaged. Returns the
@@ -640,10 +864,11 @@ impl Repository {
     /// a description of the damage if there is any. Callers must still
     /// verify each blob against its ID.
     pub fn read_pack_salvage(&self, id: &Id) -> Result<SalvagedPack> {
+        let key = self.master_key("reading packs")?;
         let what = || format!("pack {}", id.short());
         let (bytes, intact) = self.get_named(&pack_key(id), id, &what)?;
         if intact {
-            if let Ok(plain) = self.key.decrypt(&bytes, &what) {
+            if let Ok(plain) = key.decrypt(&bytes, &what) {
                 return Ok(SalvagedPack {
                     plain,
                     bad: Vec::new(),
@@ -651,8 +876,7 @@ impl Repository {
                 });
             }
         }
-        let (plain, bad) = self
-            .key
+        let (plain, bad) = key
             .decrypt_salvage(&bytes)
             .map_err(|e| Error::corrupt(what(), format!("checksum mismatch and {e}")))?;
         Ok(SalvagedPack {
@@ -698,7 +922,7 @@ impl Repository {
             Error::corrupt(what(), why)
         })?;
         let data = decode_blob(frame, loc.raw_length).map_err(|e| Error::corrupt(what(), e))?;
-        if self.key.id_for(pack.kind, &data) != *id {
+        if self.ids().id_for(pack.kind, &data) != *id {
             return Err(Error::corrupt(what(), "content does not match its ID"));
         }
         Ok(data)
@@ -843,14 +1067,45 @@ mod tests {
         Repository::init(b.clone(), "pw", &fast()).unwrap();
         let mut v: serde_json::Value =
             serde_json::from_slice(&b.get("config", None).unwrap()).unwrap();
-        v["version"] = 2.into();
+        v["version"] = (FORMAT_VERSION + 1).into();
         mem.corrupt("config", serde_json::to_vec(&v).unwrap());
         let err = Repository::open(b, "pw").unwrap_err();
         assert!(
-            matches!(err, Error::UnsupportedVersion { found: 2, .. }),
+            matches!(err, Error::UnsupportedVersion { found, .. } if found == FORMAT_VERSION + 1),
             "{err}"
         );
         assert!(err.to_string().contains("upgrade lifeboat"));
+    }
+
+    #[test]
+    fn a_format_1_repository_still_opens_and_reads_its_index_but_exports_no_writer_key() {
+        let mem = Arc::new(MemoryBackend::new());
+        let b: Arc<dyn Backend> = mem.clone();
+        let repo = Repository::init(b.clone(), "pw", &fast()).unwrap();
+        // What a format-1 init wrote: no index recipient, MAC'd as such.
+        let mut config = repo.config().clone();
+        config.version = 1;
+        config.index_recipient = None;
+        config.mac = repo.master_key("test").unwrap().mac(&config.mac_input());
+        mem.corrupt("config", serde_json::to_vec(&config).unwrap());
+        let repo = Repository::open(b, "pw").unwrap();
+        assert_eq!(repo.config().version, 1);
+        let id = repo
+            .save_json(
+                "index",
+                &crate::index::IndexFile {
+                    version: 1,
+                    packs: vec![],
+                },
+            )
+            .unwrap();
+        repo.load_json::<crate::index::IndexFile>("index", &id)
+            .unwrap();
+        let err = repo.writer_key().unwrap_err();
+        assert!(
+            err.to_string().contains("predates writer credentials"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -286,6 +286,7 @@ pub fn restore(
     snapshot_tree: &Id,
     opts: &RestoreOptions,
 ) -> Result<RestoreReport> {
+    repo.require_full_key("restore")?;
     let clock = std::time::Instant::now();
     let index = repo.load_index()?;
     let filter = Filter::new(opts)?;
@@ -559,7 +560,7 @@ pub fn restore(
                             .ok_or_else(|| "it lies in a damaged part of the pack".to_string())
                             .and_then(|frame| decode_blob(frame, loc.raw_length))
                             .and_then(|d| {
-                                if repo.key().blob_id(&d) == id {
+                                if repo.ids().blob_id(&d) == id {
                                     Ok(d)
                                 } else {
                                     Err("content does not match its ID".to_string())
@@ -869,7 +870,7 @@ fn file_matches(repo: &Repository, index: &Index, path: &Path, node: &Node) -> R
             return Ok(false);
         };
         buf.resize(loc.raw_length as usize, 0);
-        if file.read_exact(&mut buf).is_err() || repo.key().blob_id(&buf) != *id {
+        if file.read_exact(&mut buf).is_err() || repo.ids().blob_id(&buf) != *id {
             return Ok(false);
         }
     }

@@ -27,6 +27,9 @@ pub struct SnapshotInfo {
     pub paths: Vec<String>,
     /// The snapshot's tags, in any order.
     pub tags: Vec<String>,
+    /// End of the snapshot's Object Lock retention: until then it is kept
+    /// whatever the rules say (the store would refuse to delete it).
+    pub locked_until: Option<DateTime<Utc>>,
 }
 
 /// Keep rules. All `None`/empty means "no rules" (see [`apply_policy`]).
@@ -201,7 +204,7 @@ pub fn apply_policy<Tz: TimeZone>(
     snapshots: &[SnapshotInfo],
     policy: &KeepPolicy,
     group_by: GroupBy,
-    _now: DateTime<Utc>,
+    now: DateTime<Utc>,
     tz: &Tz,
 ) -> Result<Vec<GroupDecision>, RetentionError> {
     if policy.is_empty() {
@@ -216,7 +219,7 @@ pub fn apply_policy<Tz: TimeZone>(
     }
     Ok(groups
         .into_iter()
-        .map(|(key, members)| decide_group(key, members, policy, tz))
+        .map(|(key, members)| decide_group(key, members, policy, now, tz))
         .collect())
 }
 
@@ -261,6 +264,7 @@ fn decide_group<Tz: TimeZone>(
     key: GroupKey,
     mut members: Vec<&SnapshotInfo>,
     policy: &KeepPolicy,
+    now: DateTime<Utc>,
     tz: &Tz,
 ) -> GroupDecision {
     members.sort_by(|a, b| b.time.cmp(&a.time).then_with(|| a.id.cmp(&b.id)));
@@ -321,6 +325,12 @@ fn decide_group<Tz: TimeZone>(
             if snap.tags.contains(tag) {
                 reasons.push(format!("tag {tag}"));
             }
+        }
+        if let Some(until) = snap.locked_until.filter(|u| *u > now) {
+            reasons.push(format!(
+                "locked until {}",
+                until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ));
         }
         decisions.push(Decision {
             id: snap.id.clone(),
@@ -403,6 +413,7 @@ mod tests {
             host: "h1".into(),
             paths: vec!["/data".into()],
             tags: vec![],
+            locked_until: None,
         }
     }
 
@@ -433,6 +444,31 @@ mod tests {
         all.filter(|(_, reasons)| !reasons.is_empty())
             .map(|(id, _)| id)
             .collect()
+    }
+
+    #[test]
+    fn a_snapshot_under_object_lock_is_kept_whatever_the_rules_say_until_its_lock_ends() {
+        let now = at(2024, 6, 1, 0, 0);
+        let mut locked = snap("locked", at(2024, 5, 30, 0, 0));
+        locked.locked_until = Some(at(2024, 6, 20, 0, 0));
+        let mut expired = snap("expired", at(2024, 5, 1, 0, 0));
+        expired.locked_until = Some(at(2024, 5, 20, 0, 0));
+        let snaps = [snap("newest", at(2024, 5, 31, 0, 0)), locked, expired];
+        let policy = rules(|p| p.last = Some(1));
+        let groups = apply_policy(&snaps, &policy, GroupBy::host_and_paths(), now, &Utc).unwrap();
+        let reasons: Vec<(String, Vec<String>)> = groups
+            .into_iter()
+            .flat_map(|g| g.decisions)
+            .map(|d| (d.id, d.reasons))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                row("newest", &["last snapshot"]),
+                row("locked", &["locked until 2024-06-20T00:00:00Z"]),
+                row("expired", &[]),
+            ]
+        );
     }
 
     #[test]

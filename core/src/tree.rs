@@ -259,6 +259,10 @@ pub struct Snapshot {
     pub summary: Summary,
     /// The lifeboat version that wrote it.
     pub program: String,
+    /// End of the snapshot object's Object Lock retention, when the
+    /// repository has a lock policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_until: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 #[cfg(test)]

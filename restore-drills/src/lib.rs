@@ -79,6 +79,10 @@ pub struct DrillSpec {
     /// Snapshots carrying this tag are the source's (`source:NAME`); empty
     /// means every snapshot.
     pub source_tag: String,
+    /// Only snapshots taken on this host; `None` means any host. A drill
+    /// host (one that holds the passphrase) drills write-only hosts'
+    /// snapshots this way.
+    pub host: Option<String>,
     /// Which snapshot.
     pub snapshot: SnapshotChoice,
     /// What to restore.
@@ -180,6 +184,7 @@ fn drill(
     let ours: Vec<&(Id, Snapshot)> = snaps
         .iter()
         .filter(|(_, s)| spec.source_tag.is_empty() || s.tags.contains(&spec.source_tag))
+        .filter(|(_, s)| spec.host.as_ref().is_none_or(|h| s.host == *h))
         .filter(|(_, s)| !s.incomplete)
         .collect();
     if let Some((_, newest)) = ours.last() {

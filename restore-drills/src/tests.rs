@@ -69,6 +69,7 @@ fn spec(dir: &Path) -> DrillSpec {
         name: "test".into(),
         source: "db".into(),
         source_tag: "source:db".into(),
+        host: None,
         snapshot: SnapshotChoice::Latest,
         scope: Scope::Full,
         scratch_dir: dir.join("scratch"),
@@ -188,6 +189,20 @@ fn a_failing_validation_command_fails_the_drill_with_its_output() {
     assert_eq!(v.exit_code, Some(3));
     assert!(v.output.contains("input file is too short"), "{v:?}");
     assert!(r.summary.unwrap().contains("validation failed"));
+}
+
+#[test]
+fn a_drill_for_one_host_restores_only_that_hosts_snapshots() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = backed_up(tmp.path());
+    let mut s = spec(tmp.path());
+    s.host = Some("another-host".into());
+    let r = run(&repo, &s, "drill-host", &no_cancel());
+    assert_eq!(r.outcome, DrillOutcome::Refused, "{:?}", r.summary);
+    assert_eq!(r.files_restored, 0);
+    s.host = Some(lifeboat_core::hostname());
+    let r = run(&repo, &s, "drill-host", &no_cancel());
+    assert_eq!(r.outcome, DrillOutcome::Passed, "{:?}", r.summary);
 }
 
 #[test]

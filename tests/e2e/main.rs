@@ -6,6 +6,7 @@ mod agent;
 mod browser;
 mod drills;
 mod packaging;
+mod ransomware;
 mod s3;
 mod servers;
 mod util;

@@ -1,24 +1,60 @@
 //! An in-memory backend: the reference implementation of the [`Backend`]
 //! contract, used by unit tests and as the simplest thing the conformance
-//! suite can be checked against.
+//! suite can be checked against. [`MemoryBackend::with_object_lock`] makes
+//! it retain objects the way S3 Object Lock does, strictly: deleting a
+//! retained object fails (S3 in a versioned bucket would instead hide it
+//! behind a delete marker), so tests catch any attempt to delete one.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use super::{clip_range, validate_key, Backend, BackendError, ObjectInfo, PutOutcome};
+use super::{clip_range, validate_key, Backend, BackendError, ObjectInfo, PutOutcome, Retention};
 
 /// A [`Backend`] holding objects in a map in memory.
 #[derive(Debug, Default)]
 pub struct MemoryBackend {
     objects: Mutex<BTreeMap<String, (Vec<u8>, SystemTime)>>,
+    /// `Some` when Object Lock is on: each retained key's end of retention.
+    retained: Option<Mutex<BTreeMap<String, chrono::DateTime<chrono::Utc>>>>,
 }
 
 impl MemoryBackend {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store with Object Lock.
+    pub fn with_object_lock() -> Self {
+        MemoryBackend {
+            retained: Some(Mutex::new(BTreeMap::new())),
+            ..Self::default()
+        }
+    }
+
+    /// The end of `key`'s retention, if it has one.
+    pub fn retained_until(&self, key: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.retained
+            .as_ref()?
+            .lock()
+            .expect("memory backend lock poisoned")
+            .get(key)
+            .copied()
+    }
+
+    fn retain(&self, key: &str, retention: &Retention) -> Result<(), BackendError> {
+        let Some(retained) = &self.retained else {
+            return Err(BackendError::Permanent {
+                key: key.to_string(),
+                message: "memory has no Object Lock".into(),
+            });
+        };
+        let mut retained = retained.lock().expect("memory backend lock poisoned");
+        let until = retained.entry(key.to_string()).or_insert(retention.until);
+        *until = (*until).max(retention.until);
+        Ok(())
     }
 
     /// Replaces an object's bytes in place. Only tests use this, to simulate
@@ -64,6 +100,14 @@ impl Backend for MemoryBackend {
 
     fn delete(&self, key: &str) -> Result<(), BackendError> {
         validate_key(key)?;
+        if let Some(until) = self.retained_until(key) {
+            if until > chrono::Utc::now() {
+                return Err(BackendError::Permanent {
+                    key: key.to_string(),
+                    message: format!("access denied: the object is locked until {until}"),
+                });
+            }
+        }
         self.objects
             .lock()
             .expect("memory backend lock poisoned")
@@ -86,5 +130,30 @@ impl Backend for MemoryBackend {
 
     fn location(&self) -> String {
         "memory".to_string()
+    }
+
+    fn object_lock(&self) -> bool {
+        self.retained.is_some()
+    }
+
+    fn put_retained(
+        &self,
+        key: &str,
+        data: &[u8],
+        retention: &Retention,
+    ) -> Result<PutOutcome, BackendError> {
+        if !self.object_lock() {
+            return Err(super::no_object_lock(key, &self.location()));
+        }
+        let outcome = self.put(key, data)?;
+        if outcome == PutOutcome::Created {
+            self.retain(key, retention)?;
+        }
+        Ok(outcome)
+    }
+
+    fn extend_retention(&self, key: &str, retention: &Retention) -> Result<(), BackendError> {
+        self.stat(key)?;
+        self.retain(key, retention)
     }
 }

@@ -102,6 +102,48 @@ impl BackendError {
     }
 }
 
+/// Object Lock retention mode (S3's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockMode {
+    /// Users with `s3:BypassGovernanceRetention` may still delete or shorten.
+    Governance,
+    /// Nobody, the bucket owner included, can delete or shorten.
+    Compliance,
+}
+
+impl LockMode {
+    /// The lower-case name (`governance`, `compliance`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LockMode::Governance => "governance",
+            LockMode::Compliance => "compliance",
+        }
+    }
+}
+
+impl std::str::FromStr for LockMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "governance" => Ok(LockMode::Governance),
+            "compliance" => Ok(LockMode::Compliance),
+            other => Err(format!(
+                "lock mode {other:?} is not one of governance, compliance"
+            )),
+        }
+    }
+}
+
+/// An object's retention: it cannot be deleted or overwritten before `until`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Governance or compliance.
+    pub mode: LockMode,
+    /// The end of the retention period.
+    pub until: chrono::DateTime<chrono::Utc>,
+}
+
 /// An object store holding one repository.
 ///
 /// # Contract
@@ -164,6 +206,36 @@ pub trait Backend: Send + Sync + fmt::Debug {
         let _ = older_than;
         Ok(0)
     }
+    /// True when the store can retain objects (S3 Object Lock).
+    fn object_lock(&self) -> bool {
+        false
+    }
+    /// [`put`](Backend::put) with a retention: until then the object cannot
+    /// be deleted or overwritten, by anyone (compliance) or by anyone
+    /// without the right to bypass it (governance).
+    fn put_retained(
+        &self,
+        key: &str,
+        data: &[u8],
+        retention: &Retention,
+    ) -> Result<PutOutcome, BackendError> {
+        let _ = (data, retention);
+        Err(no_object_lock(key, &self.location()))
+    }
+    /// Moves an object's retention to `retention.until` (never earlier
+    /// than it is: stores refuse to shorten a lock).
+    fn extend_retention(&self, key: &str, retention: &Retention) -> Result<(), BackendError> {
+        let _ = retention;
+        Err(no_object_lock(key, &self.location()))
+    }
+}
+
+/// The error of a store without Object Lock asked to retain an object.
+pub(crate) fn no_object_lock(key: &str, location: &str) -> BackendError {
+    BackendError::Permanent {
+        key: key.to_string(),
+        message: format!("{location} has no Object Lock, but the repository asks for retention"),
+    }
 }
 
 /// How to reach a repository's store, beyond its location: what the CLI's
@@ -184,6 +256,8 @@ pub struct StoreOptions {
     pub retry_for: Option<std::time::Duration>,
     /// Create a missing S3 bucket (for `init`).
     pub create_bucket: bool,
+    /// Create that bucket with Object Lock enabled (`init --lock-days`).
+    pub bucket_object_lock: bool,
 }
 
 /// Opens the store at `location` (a directory, `s3://BUCKET/PREFIX` or
@@ -222,7 +296,7 @@ pub fn open_store(
                 // would only abandon a thread.
                 policy.timeout = None;
                 policy.max_in_flight = s3.connections * 2;
-                if opts.create_bucket && S3Backend::create_bucket(&s3)? {
+                if opts.create_bucket && S3Backend::create_bucket(&s3, opts.bucket_object_lock)? {
                     log::info!("created bucket {}", s3.bucket);
                 }
                 std::sync::Arc::new(S3Backend::connect(s3)?)

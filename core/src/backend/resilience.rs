@@ -72,6 +72,24 @@ macro_rules! forward_through_call {
         fn remove_stale_temp_files(&self, older_than: Duration) -> Result<usize, BackendError> {
             self.call(MAINTENANCE_KEY, |b| b.remove_stale_temp_files(older_than))
         }
+        fn object_lock(&self) -> bool {
+            self.inner.object_lock()
+        }
+        fn put_retained(
+            &self,
+            key: &str,
+            data: &[u8],
+            retention: &super::Retention,
+        ) -> Result<PutOutcome, BackendError> {
+            self.call(key, |b| b.put_retained(key, data, retention))
+        }
+        fn extend_retention(
+            &self,
+            key: &str,
+            retention: &super::Retention,
+        ) -> Result<(), BackendError> {
+            self.call(key, |b| b.extend_retention(key, retention))
+        }
     };
 }
 
@@ -698,6 +716,27 @@ impl Backend for Timeout {
     fn remove_stale_temp_files(&self, older_than: Duration) -> Result<usize, BackendError> {
         // A maintenance sweep may scan a whole store; no per-request deadline fits it.
         self.inner.remove_stale_temp_files(older_than)
+    }
+    fn object_lock(&self) -> bool {
+        self.inner.object_lock()
+    }
+    fn put_retained(
+        &self,
+        key: &str,
+        data: &[u8],
+        retention: &super::Retention,
+    ) -> Result<PutOutcome, BackendError> {
+        let (k, data, r) = (key.to_string(), data.to_vec(), *retention);
+        let deadline = self.deadline(data.len() as u64);
+        self.run(key, deadline, move |b| b.put_retained(&k, &data, &r))
+    }
+    fn extend_retention(
+        &self,
+        key: &str,
+        retention: &super::Retention,
+    ) -> Result<(), BackendError> {
+        let (k, r) = (key.to_string(), *retention);
+        self.run(key, self.deadline(0), move |b| b.extend_retention(&k, &r))
     }
 }
 

@@ -47,7 +47,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 
-use super::{validate_key, Backend, BackendError, ObjectInfo, PutOutcome};
+use super::{validate_key, Backend, BackendError, LockMode, ObjectInfo, PutOutcome, Retention};
 
 /// An access key pair given explicitly (instead of the standard AWS chain).
 /// Its `Debug` output never shows the secret.
@@ -256,7 +256,9 @@ impl S3Backend {
     }
 
     /// Creates the bucket if it does not exist yet (for `init`).
-    pub fn create_bucket(opts: &S3Options) -> Result<bool, BackendError> {
+    /// With `object_lock`, a new bucket is created with Object Lock (and so
+    /// versioning) enabled; an existing bucket is left as it is.
+    pub fn create_bucket(opts: &S3Options, object_lock: bool) -> Result<bool, BackendError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -276,6 +278,9 @@ impl S3Backend {
                 return Ok(false);
             }
             let mut req = client.create_bucket().bucket(&opts.bucket);
+            if object_lock {
+                req = req.object_lock_enabled_for_bucket(true);
+            }
             let region = client.config().region().map(|r| r.as_ref().to_string());
             if let Some(region) = region.filter(|r| r != "us-east-1" && opts.endpoint.is_none()) {
                 req = req.create_bucket_configuration(
@@ -414,8 +419,20 @@ impl S3Backend {
         })
     }
 
-    fn put_single(&self, key: &str, full: &str, data: Bytes) -> Result<PutOutcome, Failure> {
+    fn put_single(
+        &self,
+        key: &str,
+        full: &str,
+        data: Bytes,
+        retention: Option<&Retention>,
+    ) -> Result<PutOutcome, Failure> {
         let len = data.len();
+        // S3 requires Content-MD5 (or a checksum) on puts with a retention.
+        let md5 = retention.map(|_| {
+            use base64::Engine;
+            use md5::Digest;
+            base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(&data))
+        });
         self.run(key, len, async {
             let mut req = self
                 .client
@@ -426,6 +443,15 @@ impl S3Backend {
                 .body(ByteStream::from(data));
             if self.caps.conditional_writes {
                 req = req.if_none_match("*");
+            }
+            if let (Some(r), Some(md5)) = (retention, md5) {
+                req = req
+                    .content_md5(md5)
+                    .object_lock_mode(match r.mode {
+                        LockMode::Governance => aws_sdk_s3::types::ObjectLockMode::Governance,
+                        LockMode::Compliance => aws_sdk_s3::types::ObjectLockMode::Compliance,
+                    })
+                    .object_lock_retain_until_date(s3_time(r.until));
             }
             req.send()
                 .await
@@ -726,33 +752,62 @@ fn unexpected(key: &str, what: &str) -> BackendError {
     }
 }
 
+/// An S3 timestamp, whole seconds.
+fn s3_time(t: chrono::DateTime<chrono::Utc>) -> aws_sdk_s3::primitives::DateTime {
+    aws_sdk_s3::primitives::DateTime::from_secs(t.timestamp())
+}
+
 impl Backend for S3Backend {
     fn put(&self, key: &str, data: &[u8]) -> Result<PutOutcome, BackendError> {
+        self.put_with(key, data, None)
+    }
+
+    fn object_lock(&self) -> bool {
+        self.caps.object_lock == Some(true)
+    }
+
+    fn put_retained(
+        &self,
+        key: &str,
+        data: &[u8],
+        retention: &Retention,
+    ) -> Result<PutOutcome, BackendError> {
+        if !self.object_lock() {
+            return Err(super::no_object_lock(key, &self.location()));
+        }
+        self.put_with(key, data, Some(retention))
+    }
+
+    fn extend_retention(&self, key: &str, retention: &Retention) -> Result<(), BackendError> {
         validate_key(key)?;
         let full = self.full_key(key);
-        if !self.caps.conditional_writes {
-            match self.head(key) {
-                Ok(_) => return Ok(PutOutcome::AlreadyExists),
-                Err(Failure::NotFound) => {}
-                Err(Failure::Other(e)) => return Err(e),
-                Err(_) => return Err(unexpected(key, "stat before put")),
-            }
-        }
-        let body = Bytes::copy_from_slice(data);
-        let result = if data.len() > self.opts.multipart_threshold {
-            self.put_multipart(key, &full, body)
-        } else {
-            self.put_single(key, &full, body)
+        let mode = match retention.mode {
+            LockMode::Governance => aws_sdk_s3::types::ObjectLockRetentionMode::Governance,
+            LockMode::Compliance => aws_sdk_s3::types::ObjectLockRetentionMode::Compliance,
         };
+        let result = self.run(key, 0, async {
+            self.client
+                .put_object_retention()
+                .bucket(&self.opts.bucket)
+                .key(&full)
+                .retention(
+                    aws_sdk_s3::types::ObjectLockRetention::builder()
+                        .mode(mode)
+                        .retain_until_date(s3_time(retention.until))
+                        .build(),
+                )
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| classify(key, "extend retention", e))
+        });
         match result {
-            Ok(outcome) => Ok(outcome),
-            Err(Failure::PreconditionFailed) => Ok(PutOutcome::AlreadyExists),
+            Ok(()) => Ok(()),
             Err(Failure::Other(e)) => Err(e),
-            Err(Failure::NotFound) => Err(BackendError::Permanent {
+            Err(Failure::NotFound) => Err(BackendError::NotFound {
                 key: key.to_string(),
-                message: format!("{} answered 404 to a put", self.location()),
             }),
-            Err(Failure::InvalidRange) => Err(unexpected(key, "416 to a put")),
+            Err(_) => Err(unexpected(key, "extend retention")),
         }
     }
 
@@ -907,7 +962,9 @@ impl Backend for S3Backend {
     }
 
     /// Aborts multipart uploads under the repository's prefix that were
-    /// started longer ago than `older_than` (a crashed backup's leftovers).
+    /// started longer ago than `older_than` (a crashed backup's leftovers),
+    /// and removes capability probe objects as old (a host without delete
+    /// permission cannot remove its own).
     fn remove_stale_temp_files(&self, older_than: Duration) -> Result<usize, BackendError> {
         let cutoff = SystemTime::now()
             .checked_sub(older_than)
@@ -969,7 +1026,55 @@ impl Backend for S3Backend {
                 Err(_) => return Err(unexpected(&full, "to an abort")),
             }
         }
+        // Capability probes a host without delete permission (a write-only
+        // backup host) had to leave behind.
+        let now = std::time::SystemTime::now();
+        for probe in self.list("probe/")? {
+            if now.duration_since(probe.modified).unwrap_or_default() >= older_than {
+                self.delete(&probe.key)?;
+                removed += 1;
+            }
+        }
         Ok(removed)
+    }
+}
+
+impl S3Backend {
+    /// A put, with a retention or without. Retained objects always go up
+    /// in one request: S3 wants a Content-MD5 per part otherwise, and
+    /// retained objects (packs, index objects, snapshots) are small.
+    fn put_with(
+        &self,
+        key: &str,
+        data: &[u8],
+        retention: Option<&Retention>,
+    ) -> Result<PutOutcome, BackendError> {
+        validate_key(key)?;
+        let full = self.full_key(key);
+        if !self.caps.conditional_writes {
+            match self.head(key) {
+                Ok(_) => return Ok(PutOutcome::AlreadyExists),
+                Err(Failure::NotFound) => {}
+                Err(Failure::Other(e)) => return Err(e),
+                Err(_) => return Err(unexpected(key, "stat before put")),
+            }
+        }
+        let body = Bytes::copy_from_slice(data);
+        let result = if data.len() > self.opts.multipart_threshold && retention.is_none() {
+            self.put_multipart(key, &full, body)
+        } else {
+            self.put_single(key, &full, body, retention)
+        };
+        match result {
+            Ok(outcome) => Ok(outcome),
+            Err(Failure::PreconditionFailed) => Ok(PutOutcome::AlreadyExists),
+            Err(Failure::Other(e)) => Err(e),
+            Err(Failure::NotFound) => Err(BackendError::Permanent {
+                key: key.to_string(),
+                message: format!("{} answered 404 to a put", self.location()),
+            }),
+            Err(Failure::InvalidRange) => Err(unexpected(key, "416 to a put")),
+        }
     }
 }
 
