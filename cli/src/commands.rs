@@ -939,6 +939,20 @@ fn prune_repo(g: &Global, repo: &Repository, a: &PruneArgs) -> Result<u8> {
     output::ok()
 }
 
+/// Writes a secret to a new file of mode 0600, never replacing one.
+fn write_secret_file(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
 fn key(g: &Global, k: &KeyCommand) -> Result<u8> {
     let repo = open(g)?;
     match k {
@@ -985,24 +999,15 @@ fn key(g: &Global, k: &KeyCommand) -> Result<u8> {
             }
         }
         KeyCommand::ExportIdentity { out } => {
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(out)
-                .with_context(|| format!("creating {} (it must not exist yet)", out.display()))?;
-            writeln!(
-                f,
-                "# lifeboat repository {} identity: decrypts every object",
-                repo.config().id
+            let identity = repo.master_key("exporting the identity")?.identity_string();
+            write_secret_file(
+                out,
+                format!(
+                    "# lifeboat repository {} identity: decrypts every object\n{identity}\n",
+                    repo.config().id
+                )
+                .as_bytes(),
             )?;
-            writeln!(
-                f,
-                "{}",
-                repo.master_key("exporting the identity")?.identity_string()
-            )?;
-            f.sync_all()?;
             if !g.quiet && !g.json {
                 println!(
                     "wrote the repository identity to {}; keep it offline and secret",
@@ -1011,16 +1016,7 @@ fn key(g: &Global, k: &KeyCommand) -> Result<u8> {
             }
         }
         KeyCommand::ExportWriter { out } => {
-            let writer = repo.writer_key()?;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(out)
-                .with_context(|| format!("creating {} (it must not exist yet)", out.display()))?;
-            f.write_all(&writer.to_file())?;
-            f.sync_all()?;
+            write_secret_file(out, &repo.writer_key()?.to_file())?;
             if g.json {
                 print_json(&json!({"writer_key": out, "repository": repo.config().id}))?;
             } else if !g.quiet {

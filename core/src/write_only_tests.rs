@@ -9,7 +9,9 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::backend::{Backend, LocalBackend, LockMode, MemoryBackend};
+use crate::backend::{
+    Backend, BackendError, LocalBackend, LockMode, MemoryBackend, ObjectInfo, PutOutcome, Retention,
+};
 use crate::backup::{backup, BackupOptions, Progress};
 use crate::check::{check, CheckOptions};
 use crate::crypto::WriterKey;
@@ -172,6 +174,73 @@ fn a_writer_backs_up_with_dedup_reads_nothing_and_the_full_key_restores_it() {
             "{f}"
         );
     }
+}
+
+/// A store whose credentials may not delete anything, like a backup host
+/// under `docs/iam/writer-policy.json`.
+#[derive(Debug)]
+struct NoDelete(Arc<MemoryBackend>);
+
+impl Backend for NoDelete {
+    fn put(&self, key: &str, data: &[u8]) -> Result<PutOutcome, BackendError> {
+        self.0.put(key, data)
+    }
+    fn get(&self, key: &str, range: Option<std::ops::Range<u64>>) -> Result<Vec<u8>, BackendError> {
+        self.0.get(key, range)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
+        self.0.list(prefix)
+    }
+    fn delete(&self, key: &str) -> Result<(), BackendError> {
+        panic!("a write-only host deleted {key}");
+    }
+    fn stat(&self, key: &str) -> Result<ObjectInfo, BackendError> {
+        self.0.stat(key)
+    }
+    fn location(&self) -> String {
+        "no-delete".into()
+    }
+    fn object_lock(&self) -> bool {
+        self.0.object_lock()
+    }
+    fn put_retained(
+        &self,
+        key: &str,
+        data: &[u8],
+        retention: &Retention,
+    ) -> Result<PutOutcome, BackendError> {
+        self.0.put_retained(key, data, retention)
+    }
+    fn extend_retention(&self, key: &str, retention: &Retention) -> Result<(), BackendError> {
+        self.0.extend_retention(key, retention)
+    }
+}
+
+#[test]
+fn a_writer_backs_up_and_extends_locks_without_ever_deleting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_tree(&src, 5);
+    let (mem, repo) = locked_repo();
+    backup_of(&repo, &src, None).unwrap();
+    let writer_store: Arc<dyn Backend> = Arc::new(NoDelete(mem.clone()));
+    let writer = Repository::open_writer(writer_store, repo.writer_key().unwrap()).unwrap();
+    std::fs::write(src.join("more.txt"), "more\n".repeat(1000)).unwrap();
+    let report = backup_of(&writer, &src, None).unwrap();
+    assert!(report.snapshot.locked_until.is_some());
+    // Reused packs that need a longer lock are extended by the writer too.
+    let index = writer.load_index().unwrap();
+    let all: HashSet<u32> = (0..index.packs().len() as u32).collect();
+    let lock = LockPolicy {
+        mode: LockMode::Compliance,
+        days: 10,
+    };
+    let needed = chrono::Utc::now() + chrono::Duration::days(9);
+    crate::backup::extend_locks(&writer, &index, &all, lock, needed).unwrap();
+    for p in index.packs() {
+        assert!(mem.retained_until(&pack_key(&p.id)).unwrap() > needed);
+    }
+    assert_eq!(repo.snapshots().unwrap().len(), 2);
 }
 
 #[test]

@@ -8,23 +8,12 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use crate::s3::make_source;
 use crate::servers::Moto;
-use crate::util::{assert_trees_equal, write_random_file, Lb};
+use crate::util::{assert_trees_equal, Lb};
 use crate::{code, new_repo, stderr, under};
 
 const PASSPHRASE: &str = "correct horse battery staple";
-
-fn make_source(root: &Path, seed: u64) {
-    std::fs::create_dir_all(root.join("conf")).unwrap();
-    for i in 0..20 {
-        std::fs::write(
-            root.join(format!("conf/{i:02}.conf")),
-            format!("key{i} = value {seed}\n").repeat(40),
-        )
-        .unwrap();
-    }
-    write_random_file(&root.join("data.bin"), 4 << 20, seed);
-}
 
 /// The same repository through a writer credential: no passphrase at all.
 fn writer_of(lb: &Lb, key: &Path, cache: &Path) -> Lb {
@@ -45,7 +34,7 @@ fn json(text: &str) -> Value {
 fn a_write_only_host_backs_up_with_dedup_and_every_read_or_delete_command_exits_14() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    make_source(&src, 1);
+    make_source(&src, 1, 4);
     let full = new_repo(tmp.path());
     full.ok(&["backup", src.to_str().unwrap()]);
 
@@ -158,7 +147,7 @@ fn object_lock_on_moto_keeps_locked_snapshots_from_forget_prune_and_the_s3_api()
     target.bucket = "locked-by-init".to_string();
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    make_source(&src, 2);
+    make_source(&src, 2, 4);
     let lb = Lb::remote(tmp.path(), &target.url("host1"), target.env(), PASSPHRASE);
     let out = lb.ok(&["init", "--lock-days", "1", "--lock-mode", "compliance"]);
     assert!(out.contains("immutable for 1 days"), "{out}");

@@ -37,7 +37,7 @@ fn connect(target: &S3Target, prefix: &str, multipart_threshold: usize) -> S3Bac
 }
 
 /// A source tree with compressible text, incompressible data and small files.
-fn make_source(root: &Path, seed: u64, big_mib: u64) {
+pub(crate) fn make_source(root: &Path, seed: u64, big_mib: u64) {
     std::fs::create_dir_all(root.join("etc/conf.d")).unwrap();
     for i in 0..40 {
         std::fs::write(
