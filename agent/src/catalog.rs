@@ -97,7 +97,7 @@ const OPEN_ATTEMPTS: u32 = 100;
 const TIME_FORMAT: &str = "%Y-%m-%dT%H:%M:%S%.6fZ";
 
 /// The tag prefix that maps a snapshot back to its source.
-const SOURCE_TAG_PREFIX: &str = "source:";
+pub const SOURCE_TAG_PREFIX: &str = "source:";
 
 /// Key of the row [`Catalog::is_writable`] writes and rolls back.
 const PROBE_KEY: &str = "readyz.probe";

@@ -129,7 +129,9 @@
 //! `lifeboat forget` (`keep_last`, `keep_hourly`, `keep_daily`,
 //! `keep_weekly`, `keep_monthly`, `keep_yearly`, `keep_within`, `keep_tag`;
 //! at least one, since no rule would forget every snapshot), `prune`
-//! (default true) and `timeout` (default `"24h"`).
+//! (default true), `timeout` (default `"24h"`) and `hosts` (other hosts
+//! whose agent-made snapshots this policy also forgets, grouped per host:
+//! how a drill host manages write-only hosts, which cannot forget).
 //!
 //! `[check]` (optional): `schedule` (required), `read_data_subset` (percent
 //! of pack data to read, 0 to 100, default 0: structure only) and `timeout`.
@@ -262,6 +264,7 @@ const RETENTION_KEYS: &[&str] = &[
     "keep_tag",
     "prune",
     "timeout",
+    "hosts",
 ];
 const CHECK_KEYS: &[&str] = &["schedule", "read_data_subset", "timeout"];
 const DRILL_KEYS: &[&str] = &[
@@ -576,6 +579,9 @@ pub struct RetentionConfig {
     pub prune: bool,
     /// How long one run may take.
     pub timeout: Duration,
+    /// Other hosts whose agent-made snapshots this host's retention also
+    /// manages (a drill host for write-only hosts, which cannot forget).
+    pub hosts: Vec<String>,
 }
 
 /// The scheduled repository check (`[check]`).
@@ -1818,11 +1824,24 @@ fn read_retention(e: &mut Report, s: &Section<'_, '_>) -> Option<RetentionConfig
     }
     let prune = s.bool(e, "prune").unwrap_or(true);
     let timeout = s.timeout(e);
+    let hosts = s
+        .strings(e, "hosts", |h| {
+            if h.is_empty() {
+                Err("an empty host name".to_string())
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
     Some(RetentionConfig {
         schedule: schedule?,
         policy,
         prune,
         timeout,
+        hosts,
     })
 }
 
@@ -2706,8 +2725,10 @@ sample = "half"
         let base = "[repository]\nlocation = \"/repo\"\n\n[passphrase]\nenv = \"X\"\n\n";
         let config = parse_ok(&format!(
             "{base}[[drill]]\nname = \"web1-etc\"\nsource = \"etc\"\nhost = \"web1\"\n\
-             schedule = \"@weekly\"\nrto = \"4h\"\n"
+             schedule = \"@weekly\"\nrto = \"4h\"\n\n\
+             [retention]\nschedule = \"@daily\"\nkeep_daily = 7\nhosts = [\"web1\", \"web2\"]\n"
         ));
+        assert_eq!(config.retention.as_ref().unwrap().hosts, ["web1", "web2"]);
         let drill = &config.drills[0];
         assert_eq!(drill.host.as_deref(), Some("web1"));
         assert_eq!(drill.rto, Some(Duration::from_secs(4 * 3600)));

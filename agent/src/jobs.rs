@@ -26,7 +26,7 @@ use lifeboat_core::retention::{apply_policy, GroupBy, SnapshotInfo};
 use lifeboat_core::{Error, Repository};
 use tokio::sync::{mpsc, watch};
 
-use crate::catalog::{source_tag, Catalog, JobKind, Outcome, SnapshotRecord};
+use crate::catalog::{source_tag, Catalog, JobKind, Outcome, SnapshotRecord, SOURCE_TAG_PREFIX};
 use crate::config::{Config, SourceConfig, SourceInput};
 use crate::scheduler::{BoxFuture, Event, JobSpec, RunResult, Runner};
 
@@ -357,7 +357,8 @@ impl Agent {
     }
 
     /// Forgets this host's snapshots of configured sources by the policy,
-    /// then prunes if asked. Other hosts' snapshots are theirs to manage.
+    /// and those of the hosts `[retention] hosts` names, then prunes if
+    /// asked. Other hosts' snapshots are theirs to manage.
     fn retention(&self, config: &Config) -> Result<Done, String> {
         let retention = config
             .retention
@@ -368,11 +369,17 @@ impl Agent {
         let ours: Vec<SnapshotInfo> = snaps
             .iter()
             .filter(|(_, s)| {
-                s.host == self.host
-                    && config
+                if s.host == self.host {
+                    config
                         .sources
                         .iter()
                         .any(|src| s.tags.contains(&source_tag(&src.name)))
+                } else {
+                    // Another host's (say, a write-only one's) snapshots, as
+                    // its agent tagged them.
+                    retention.hosts.contains(&s.host)
+                        && s.tags.iter().any(|t| t.starts_with(SOURCE_TAG_PREFIX))
+                }
             })
             .map(|(id, s)| SnapshotInfo {
                 id: id.to_hex(),
@@ -383,11 +390,17 @@ impl Agent {
                 locked_until: s.locked_until,
             })
             .collect();
+        // Object Lock is judged by the store's clock (less a margin).
+        let lock_now = if ours.iter().any(|s| s.locked_until.is_some()) {
+            lifeboat_core::prune::lock_clock(&repo).map_err(|e| e.to_string())?
+        } else {
+            Utc::now()
+        };
         let groups = apply_policy(
             &ours,
             &retention.policy,
             GroupBy::host_and_paths(),
-            Utc::now(),
+            lock_now,
             &chrono::Local,
         )
         .map_err(|e| e.to_string())?;

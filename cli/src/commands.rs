@@ -730,6 +730,12 @@ fn parse_duration(s: &str) -> Result<std::time::Duration> {
 fn forget(g: &Global, a: &ForgetArgs) -> Result<u8> {
     let repo = open(g)?;
     let snaps = repo.snapshots()?;
+    // Object Lock is judged by the store's clock (less a margin), not ours.
+    let lock_now = if snaps.iter().any(|(_, s)| s.locked_until.is_some()) {
+        lifeboat_core::prune::lock_clock(&repo)?
+    } else {
+        chrono::Utc::now()
+    };
     let mut remove: Vec<(Id, Snapshot)> = Vec::new();
     let mut json_groups = serde_json::Value::Null;
     if !a.snapshots.is_empty() {
@@ -777,13 +783,7 @@ fn forget(g: &Global, a: &ForgetArgs) -> Result<u8> {
                 locked_until: s.locked_until,
             })
             .collect();
-        let groups = retention::apply_policy(
-            &infos,
-            &policy,
-            group_by,
-            chrono::Utc::now(),
-            &chrono::Local,
-        )?;
+        let groups = retention::apply_policy(&infos, &policy, group_by, lock_now, &chrono::Local)?;
         for grp in &groups {
             if !g.json && !g.quiet {
                 println!(
@@ -821,11 +821,10 @@ fn forget(g: &Global, a: &ForgetArgs) -> Result<u8> {
     }
     // The store would refuse (or, in a versioned bucket, only hide) a
     // locked snapshot: name it instead of trying.
-    let now = chrono::Utc::now();
     let locked: Vec<String> = remove
         .iter()
         .filter_map(|(id, s)| {
-            s.locked_until.filter(|u| *u > now).map(|u| {
+            s.locked_until.filter(|u| *u > lock_now).map(|u| {
                 format!(
                     "{} (until {})",
                     id.short(),

@@ -199,6 +199,9 @@ struct Shared<'r> {
     repo: &'r Repository,
     /// The Object Lock retention of this backup's packs and index objects.
     retention: Option<Retention>,
+    /// The index objects this backup wrote (re-read if its own packs'
+    /// locks must be extended at commit).
+    index_objects: Mutex<Vec<Id>>,
     packers: Mutex<HashMap<BlobKind, PackBuilder>>,
     unindexed: Mutex<Vec<IndexPack>>,
     written_packs: Mutex<Vec<Id>>,
@@ -277,7 +280,7 @@ impl Shared<'_> {
             }
         };
         if !full.is_empty() {
-            self.repo.save_json_retained(
+            let id = self.repo.save_json_retained(
                 "index",
                 &IndexFile {
                     version: 1,
@@ -285,6 +288,7 @@ impl Shared<'_> {
                 },
                 self.retention.as_ref(),
             )?;
+            self.index_objects.lock().expect("poisoned").push(id);
         }
         Ok(())
     }
@@ -1010,6 +1014,7 @@ fn run(
     let shared = Shared {
         repo,
         retention: lock.map(|l| l.pack_retention(started_at)),
+        index_objects: Mutex::new(Vec::new()),
         packers: Mutex::new(HashMap::new()),
         unindexed: Mutex::new(Vec::new()),
         written_packs: Mutex::new(Vec::new()),
@@ -1170,7 +1175,7 @@ fn run(
     }
     let rest = std::mem::take(&mut *shared.unindexed.lock().expect("poisoned"));
     if !rest.is_empty() {
-        repo.save_json_retained(
+        let id = repo.save_json_retained(
             "index",
             &IndexFile {
                 version: 1,
@@ -1178,6 +1183,7 @@ fn run(
             },
             shared.retention.as_ref(),
         )?;
+        shared.index_objects.lock().expect("poisoned").push(id);
     }
     // A prune that started after us may have condemned packs we reused; if
     // so, committing would reference data about to be deleted.
@@ -1194,7 +1200,15 @@ fn run(
     crate::prune::check_no_new_condemnation(repo, &plans_seen, &depends_on)?;
     let snapshot_retention = lock.map(|l| l.snapshot_retention(chrono::Utc::now()));
     if let (Some(lock), Some(needed)) = (lock, snapshot_retention) {
-        extend_locks(repo, &index, &reused_packs, lock, needed.until)?;
+        let mut packs = packs_to_extend(&index, &reused_packs, needed.until);
+        // A backup that ran longer than half the lock period committed
+        // after its own first packs' locks would have ended.
+        if shared.retention.is_some_and(|r| r.until < needed.until) {
+            for id in shared.index_objects.lock().expect("poisoned").iter() {
+                packs.extend(repo.load_json::<IndexFile>("index", id)?.packs);
+            }
+        }
+        extend_locks(repo, packs, lock)?;
     }
 
     let mut summary = walker.summary.clone();
@@ -1234,43 +1248,41 @@ pub(crate) fn chunker_seed(key: &crate::crypto::ChunkKey) -> u64 {
     u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes"))
 }
 
-/// Extends the Object Lock of every older pack the new snapshot reuses
-/// whose retention ends before `needed` (the snapshot's own), so a locked
-/// snapshot never depends on a pack that could already be deleted. The
-/// extension goes to a full pack retention from now (half as long again
-/// as a snapshot's), so a pack is extended about once per `days / 2`
-/// however often it is reused; an index object records the new dates,
-/// itself retained as long, so prune knows them.
-pub(crate) fn extend_locks(
-    repo: &Repository,
+/// The index records of the reused packs whose recorded Object Lock ends
+/// before `needed` (the new snapshot's own retention).
+pub(crate) fn packs_to_extend(
     index: &crate::index::Index,
     reused: &HashSet<u32>,
-    lock: crate::repo::LockPolicy,
     needed: chrono::DateTime<chrono::Utc>,
-) -> Result<()> {
+) -> Vec<IndexPack> {
     let stale: HashSet<u32> = reused
         .iter()
         .copied()
         .filter(|&pos| index.pack(pos).locked_until.is_none_or(|u| u < needed))
         .collect();
     if stale.is_empty() {
+        return Vec::new();
+    }
+    index.index_packs(&stale)
+}
+
+/// Extends the Object Lock of `packs` so a locked snapshot never depends
+/// on a pack that could already be deleted. The extension goes to a full
+/// pack retention from now (half as long again as a snapshot's), so a
+/// pack is extended about once per `days / 2` however often it is reused.
+/// The new dates are recorded first, in index objects retained as long,
+/// then the store's retention is extended: a failure in between leaves the
+/// index claiming a longer lock than the store holds, which only makes
+/// prune keep the packs longer.
+pub(crate) fn extend_locks(
+    repo: &Repository,
+    mut packs: Vec<IndexPack>,
+    lock: crate::repo::LockPolicy,
+) -> Result<()> {
+    if packs.is_empty() {
         return Ok(());
     }
     let retention = lock.pack_retention(chrono::Utc::now());
-    let mut packs = index.index_packs(&stale);
-    let extended = crate::parallel::map(
-        packs.iter().map(|p| p.id).collect(),
-        crate::parallel::io_threads(repo.backend()),
-        |id: Id| repo.backend().extend_retention(&pack_key(&id), &retention),
-    );
-    for r in extended {
-        r?;
-    }
-    log::info!(
-        "extended the Object Lock of {} reused pack(s) to {}",
-        packs.len(),
-        retention.until
-    );
     for p in &mut packs {
         p.locked_until = Some(retention.until);
     }
@@ -1284,5 +1296,18 @@ pub(crate) fn extend_locks(
             Some(&retention),
         )?;
     }
+    let extended = crate::parallel::map(
+        packs.iter().map(|p| p.id).collect(),
+        crate::parallel::io_threads(repo.backend()),
+        |id: Id| repo.backend().extend_retention(&pack_key(&id), &retention),
+    );
+    for r in extended {
+        r?;
+    }
+    log::info!(
+        "extended the Object Lock of {} pack(s) to {}",
+        packs.len(),
+        retention.until
+    );
     Ok(())
 }

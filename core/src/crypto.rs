@@ -366,10 +366,16 @@ impl MasterKey {
 
     /// The writer credential for this key's repository, or `None` for a
     /// format-1 repository (whose index objects no writer could read).
-    pub fn writer_key(&self, repository: &str, recipients: &[String]) -> Option<WriterKey> {
+    pub fn writer_key(
+        &self,
+        repository: &str,
+        recipients: &[String],
+        config_digest: &str,
+    ) -> Option<WriterKey> {
         Some(WriterKey {
             repository: repository.to_string(),
             recipients: recipients.to_vec(),
+            config_digest: config_digest.to_string(),
             index_identity: self.index_identity.clone()?,
             chunk_key: self.chunk_key.clone(),
         })
@@ -404,15 +410,18 @@ const WRITER_FORMAT: &str = "lifeboat-writer-credential";
 
 /// A write-only credential: what a host needs to add snapshots to one
 /// repository and nothing that decrypts what is already there. It holds
-/// the repository's ID and public recipients (pinned: a config naming other
-/// recipients is refused, so nobody can redirect a writer's backups to
-/// their own key), the chunk key (to name blobs as every host does), and
-/// the index identity (to read index objects and prune plans, which hold
-/// blob IDs and pack layout, no names or content).
+/// the repository's ID, public recipients and the config's digest (pinned: a
+/// config that differs in any way, say with other recipients or without
+/// its lock policy, is refused, so whoever can write to the bucket cannot
+/// redirect a writer's backups to their own key or unlock them), the chunk
+/// key (to name blobs as every host does), and the index identity (to read
+/// index objects and prune plans, which hold blob IDs and pack layout, no
+/// names or content).
 #[derive(Clone)]
 pub struct WriterKey {
     repository: String,
     recipients: Vec<String>,
+    config_digest: String,
     index_identity: age::x25519::Identity,
     chunk_key: ChunkKey,
 }
@@ -431,6 +440,7 @@ struct WriterFile {
     version: u32,
     repository: String,
     recipients: Vec<String>,
+    config_digest: String,
     index_identity: String,
     chunk_key: String,
     created: String,
@@ -446,6 +456,11 @@ impl WriterKey {
     /// The recipients the credential pins.
     pub fn recipients(&self) -> &[String] {
         &self.recipients
+    }
+
+    /// The BLAKE3 digest of the config the credential was made for.
+    pub fn config_digest(&self) -> &str {
+        &self.config_digest
     }
 
     /// The public half of the index identity.
@@ -476,6 +491,7 @@ impl WriterKey {
             version: 1,
             repository: self.repository.clone(),
             recipients: self.recipients.clone(),
+            config_digest: self.config_digest.clone(),
             index_identity: self.index_identity.to_string().expose_secret().to_string(),
             chunk_key: hex::encode(self.chunk_key.0),
             created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -509,6 +525,7 @@ impl WriterKey {
         Ok(WriterKey {
             repository: file.repository,
             recipients: file.recipients,
+            config_digest: file.config_digest,
             index_identity: age::x25519::Identity::from_str(&file.index_identity)
                 .map_err(|_| bad("bad index identity".into()))?,
             chunk_key: ChunkKey::from_hex(&file.chunk_key)

@@ -93,11 +93,13 @@ impl IndexBuilder {
         let pos = match self.pack_pos.get(&pack.id) {
             Some(&pos) => {
                 // The same pack in several index objects (a lock extension,
-                // a consolidation racing a backup): its blobs are listed
-                // once, and the latest retention counts.
+                // a consolidation racing a backup): every listing counts,
+                // so a forged listing with fewer blobs cannot hide any
+                // (repeats are dropped in `build`), and the latest
+                // retention wins.
                 let info = &mut self.packs[pos as usize];
                 info.locked_until = info.locked_until.max(pack.locked_until);
-                return;
+                pos
             }
             None => {
                 let pos = self.packs.len() as u32;
@@ -129,7 +131,9 @@ impl IndexBuilder {
     /// repacking; either copy is valid, and dropping one would make the
     /// other invisible once its pack is set aside by `without_packs`).
     pub fn build(mut self) -> Index {
-        self.entries.sort_by_key(|e| e.0);
+        self.entries
+            .sort_unstable_by_key(|(id, l)| (*id, l.pack, l.offset, l.length, l.raw_length));
+        self.entries.dedup();
         self.entries.shrink_to_fit();
         // buckets[b] = first entry whose ID starts with the 16 bits b.
         let mut buckets = vec![0u32; BUCKETS + 1];
@@ -280,7 +284,7 @@ impl Index {
                 continue;
             }
             b.add_pack(&IndexPack {
-                locked_until: None,
+                locked_until: info.locked_until,
                 id: info.id,
                 kind: info.kind,
                 size: info.size,
@@ -302,6 +306,42 @@ mod tests {
             offset,
             length: 10,
             raw_length: 20,
+        }
+    }
+
+    #[test]
+    fn a_pack_listed_twice_keeps_every_blob_and_the_latest_lock_through_without_packs() {
+        let early = chrono::DateTime::from_timestamp(1_000_000, 0).unwrap();
+        let late = chrono::DateTime::from_timestamp(2_000_000, 0).unwrap();
+        let full = IndexPack {
+            locked_until: Some(early),
+            id: Id::of_bytes(b"p1"),
+            kind: BlobKind::Data,
+            size: 1,
+            blobs: vec![entry(1, 0), entry(2, 10)],
+        };
+        // A lock extension listing, and a forged one naming no blobs.
+        let extension = IndexPack {
+            locked_until: Some(late),
+            ..full.clone()
+        };
+        let forged = IndexPack {
+            locked_until: None,
+            blobs: vec![],
+            ..full.clone()
+        };
+        for order in [[&forged, &full, &extension], [&extension, &forged, &full]] {
+            let mut b = IndexBuilder::new();
+            for p in order {
+                b.add_pack(p);
+            }
+            let index = b.build();
+            assert_eq!(index.len(), 2, "every blob once");
+            assert!(index.contains(&entry(1, 0).id) && index.contains(&entry(2, 0).id));
+            let other = std::collections::HashSet::from([Id::of_bytes(b"other")]);
+            let index = index.without_packs(&other);
+            assert_eq!(index.packs()[0].locked_until, Some(late));
+            assert_eq!(index.len(), 2);
         }
     }
 

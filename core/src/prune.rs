@@ -181,6 +181,20 @@ pub fn used_blobs(repo: &Repository, index: &crate::index::Index) -> Result<Hash
     Ok(used)
 }
 
+/// How long after its recorded end a lock is still treated as holding:
+/// the store's nodes need not agree to the second, and a delete the store
+/// refuses would stop a prune half way.
+pub const LOCK_CLOCK_MARGIN: Duration = Duration::from_secs(600);
+
+/// The instant before which an Object Lock counts as ended: the store's
+/// clock (see [`storage_now`]) less [`LOCK_CLOCK_MARGIN`]. `forget` and
+/// retention judge locks by it, so a host whose clock runs ahead cannot
+/// try to delete a snapshot the store still holds.
+pub fn lock_clock(repo: &Repository) -> Result<chrono::DateTime<chrono::Utc>> {
+    let now: chrono::DateTime<chrono::Utc> = storage_now(repo)?.into();
+    Ok(now - chrono::Duration::from_std(LOCK_CLOCK_MARGIN).expect("small duration"))
+}
+
 /// The storage's idea of "now": the modification time of an object we
 /// write and delete again. Clocks of the hosts do not enter into it.
 fn storage_now(repo: &Repository) -> Result<SystemTime> {
@@ -195,8 +209,35 @@ fn storage_now(repo: &Repository) -> Result<SystemTime> {
     Ok(t)
 }
 
+/// Adds one index object's listing of a pack. A pack listed by several
+/// index objects keeps the union of their blobs (a forged listing with
+/// fewer blobs must not make live blobs look unused) and the latest lock.
+fn merge_listing(packs: &mut HashMap<Id, IndexPack>, listing: IndexPack) {
+    match packs.entry(listing.id) {
+        std::collections::hash_map::Entry::Vacant(v) => {
+            v.insert(listing);
+        }
+        std::collections::hash_map::Entry::Occupied(mut o) => {
+            let known = o.get_mut();
+            known.locked_until = known.locked_until.max(listing.locked_until);
+            if known.blobs != listing.blobs {
+                let seen: HashSet<(Id, u32)> =
+                    known.blobs.iter().map(|b| (b.id, b.offset)).collect();
+                known.blobs.extend(
+                    listing
+                        .blobs
+                        .into_iter()
+                        .filter(|b| !seen.contains(&(b.id, b.offset))),
+                );
+                known.blobs.sort_by_key(|b| b.offset);
+            }
+        }
+    }
+}
+
 /// When each pack's Object Lock ends, as far as the repository knows.
 struct Locks {
+    /// The store's clock less the margin: a lock ending after it holds.
     now: chrono::DateTime<chrono::Utc>,
     /// Retention of packs no index lists, from their upload time (every
     /// pack of a locked repository is uploaded with a pack retention).
@@ -259,7 +300,8 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     let backend = repo.backend();
     let now = storage_now(repo)?;
     let locks = Locks {
-        now: now.into(),
+        now: chrono::DateTime::<chrono::Utc>::from(now)
+            - chrono::Duration::from_std(LOCK_CLOCK_MARGIN).expect("small duration"),
         unindexed: repo.lock_policy(),
     };
 
@@ -278,8 +320,7 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
             index_locked.insert(*id);
         }
         for p in file.packs {
-            let entry = index_packs.entry(p.id).or_insert_with(|| p.clone());
-            entry.locked_until = entry.locked_until.max(p.locked_until);
+            merge_listing(&mut index_packs, p);
         }
     }
     let stored: HashMap<Id, crate::backend::ObjectInfo> = repo.stored_packs()?;
@@ -439,6 +480,11 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     }
 
     // Repack: copy live frames verbatim (no recompression) into new packs.
+    // The new packs and their index object share one retention, so the
+    // index object never outlives a pack's recorded lock.
+    let retention = repo
+        .lock_policy()
+        .map(|l| l.pack_retention(chrono::Utc::now()));
     let mut new_packs: Vec<IndexPack> = Vec::new();
     for kind in [BlobKind::Data, BlobKind::Tree] {
         let mut builder = PackBuilder::new(kind, 0);
@@ -457,6 +503,7 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
                     new_packs.push(write_pack(
                         repo,
                         std::mem::replace(&mut builder, PackBuilder::new(kind, 0)),
+                        retention.as_ref(),
                     )?);
                 }
             }
@@ -465,7 +512,7 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
             report.packs_repacked += 1;
         }
         if !builder.is_empty() {
-            new_packs.push(write_pack(repo, builder)?);
+            new_packs.push(write_pack(repo, builder, retention.as_ref())?);
         }
     }
     if !new_packs.is_empty() {
@@ -475,9 +522,7 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
                 version: 1,
                 packs: new_packs.clone(),
             },
-            repo.lock_policy()
-                .map(|l| l.pack_retention(locks.now))
-                .as_ref(),
+            retention.as_ref(),
         )?;
     }
     if !newly_condemned.is_empty() {
@@ -530,15 +575,16 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     Ok(report)
 }
 
-fn write_pack(repo: &Repository, builder: PackBuilder) -> Result<IndexPack> {
+fn write_pack(
+    repo: &Repository,
+    builder: PackBuilder,
+    retention: Option<&crate::backend::Retention>,
+) -> Result<IndexPack> {
     let kind = builder.kind();
     let (plain, header) = builder.finish();
     let ct = repo.recipients().encrypt(&plain);
     let id = Id::of_bytes(&ct);
-    let retention = repo
-        .lock_policy()
-        .map(|l| l.pack_retention(chrono::Utc::now()));
-    repo.put_object(&pack_key(&id), &ct, retention.as_ref())?;
+    repo.put_object(&pack_key(&id), &ct, retention)?;
     Ok(IndexPack {
         locked_until: retention.map(|r| r.until),
         id,

@@ -106,6 +106,13 @@ pub struct Config {
 }
 
 impl Config {
+    /// BLAKE3 of the whole config as parsed (every field, the MAC too): what
+    /// a writer credential pins, since a writer cannot check the MAC.
+    pub fn digest(&self) -> String {
+        let bytes = serde_json::to_vec(self).expect("config serialises");
+        blake3::hash(&bytes).to_hex().to_string()
+    }
+
     fn mac_input(&self) -> Vec<u8> {
         let mut c = self.clone();
         c.mac.clear();
@@ -334,6 +341,12 @@ fn read_config_once(backend: &dyn Backend) -> Result<Config> {
             "format 1 has no index recipient or lock policy",
         ));
     }
+    if version >= 2 && config.index_recipient.is_none() {
+        return Err(Error::corrupt(
+            "repository config",
+            "format 2 needs an index recipient",
+        ));
+    }
     if config.lock.is_some_and(|l| !(1..=36_500).contains(&l.days)) {
         return Err(Error::corrupt(
             "repository config",
@@ -460,12 +473,13 @@ impl Repository {
                 &config.id[..8]
             )));
         }
-        if config.recipients != writer.recipients()
+        if config.digest() != writer.config_digest()
+            || config.recipients != writer.recipients()
             || config.index_recipient.as_deref() != Some(writer.index_recipient().as_str())
         {
             return Err(Error::corrupt(
                 "repository config",
-                "its recipients differ from the ones the writer credential pins: the config was altered outside lifeboat (backing up would encrypt to keys the repository owner does not hold)",
+                "it differs from the config the writer credential pins (recipients, lock policy, settings): it was altered outside lifeboat; backing up could encrypt to keys the repository owner does not hold or leave snapshots unlocked. Check the bucket's config object's versions from a host with the passphrase",
             ));
         }
         Repository::assemble(backend, config, Access::Writer(writer))
@@ -550,7 +564,11 @@ impl Repository {
     /// The writer credential for this repository (`key export-writer`).
     pub fn writer_key(&self) -> Result<WriterKey> {
         let key = self.master_key("exporting a writer credential")?;
-        key.writer_key(&self.config.id, &self.config.recipients)
+        key.writer_key(
+            &self.config.id,
+            &self.config.recipients,
+            &self.config.digest(),
+        )
             .filter(|_| self.config.index_recipient == key.index_recipient())
             .ok_or_else(|| {
                 Error::Invalid(format!(

@@ -236,7 +236,8 @@ fn a_writer_backs_up_and_extends_locks_without_ever_deleting() {
         days: 10,
     };
     let needed = chrono::Utc::now() + chrono::Duration::days(9);
-    crate::backup::extend_locks(&writer, &index, &all, lock, needed).unwrap();
+    let stale = crate::backup::packs_to_extend(&index, &all, needed);
+    crate::backup::extend_locks(&writer, stale, lock).unwrap();
     for p in index.packs() {
         assert!(mem.retained_until(&pack_key(&p.id)).unwrap() > needed);
     }
@@ -244,7 +245,7 @@ fn a_writer_backs_up_and_extends_locks_without_ever_deleting() {
 }
 
 #[test]
-fn a_writer_refuses_another_repository_and_a_config_with_swapped_recipients() {
+fn a_writer_refuses_another_repository_and_a_config_altered_in_any_way() {
     let tmp = tempfile::tempdir().unwrap();
     let a: Arc<dyn Backend> = Arc::new(LocalBackend::new(tmp.path().join("a")));
     let b: Arc<dyn Backend> = Arc::new(LocalBackend::new(tmp.path().join("b")));
@@ -254,17 +255,83 @@ fn a_writer_refuses_another_repository_and_a_config_with_swapped_recipients() {
     let err = Repository::open_writer(b, key.clone()).unwrap_err();
     assert!(err.to_string().contains("belongs to repository"), "{err}");
 
-    // An attacker with write access swaps the recipients for their own.
+    // An attacker with write access swaps the recipients for their own, or
+    // changes any other setting (say, drops the lock policy).
     let config_path = tmp.path().join("a/config");
-    let mut config: serde_json::Value =
+    let original: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
-    config["recipients"] = serde_json::json!([crate::crypto::MasterKey::generate().recipient()]);
-    std::fs::remove_file(&config_path).unwrap();
-    std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
-    let err = Repository::open_writer(a, key).unwrap_err();
-    assert!(
-        matches!(&err, Error::Corrupt { detail, .. } if detail.contains("pins")),
-        "{err}"
+    let mut swapped = original.clone();
+    swapped["recipients"] = serde_json::json!([crate::crypto::MasterKey::generate().recipient()]);
+    let mut altered = original.clone();
+    altered["compression"] = serde_json::json!(0);
+    for config in [swapped, altered] {
+        std::fs::remove_file(&config_path).unwrap();
+        std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
+        let err = Repository::open_writer(a.clone(), key.clone()).unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt { detail, .. } if detail.contains("pins")),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_forged_index_listing_a_pack_without_its_blobs_hides_nothing_from_restore_or_prune() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_tree(&src, 6);
+    let store: Arc<dyn Backend> = Arc::new(LocalBackend::new(tmp.path().join("repo")));
+    let full = Repository::init(store.clone(), "pw", &opts(None)).unwrap();
+    let report = backup_of(&full, &src, None).unwrap();
+    // A writer (all an attacker on a backup host holds) lists every pack
+    // again, with no blobs.
+    let writer = Repository::open_writer(store.clone(), full.writer_key().unwrap()).unwrap();
+    let index = writer.load_index().unwrap();
+    let forged: Vec<IndexPack> = index
+        .packs()
+        .iter()
+        .map(|p| IndexPack {
+            id: p.id,
+            kind: p.kind,
+            size: p.size,
+            blobs: vec![],
+            locked_until: None,
+        })
+        .collect();
+    writer
+        .save_json(
+            "index",
+            &IndexFile {
+                version: 1,
+                packs: forged,
+            },
+        )
+        .unwrap();
+    assert_eq!(full.load_index().unwrap().len(), index.len());
+    let pruned = prune(
+        &full,
+        &PruneOptions {
+            grace: std::time::Duration::ZERO,
+            min_pack_age: std::time::Duration::ZERO,
+            ..PruneOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(pruned.packs_condemned, 0, "{pruned:?}");
+    let target = tmp.path().join("target");
+    restore(
+        &full,
+        &report.snapshot.tree,
+        &RestoreOptions {
+            target: target.clone(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let restored = target.join(src.strip_prefix("/").unwrap());
+    assert_eq!(
+        std::fs::read(restored.join("sub/data.bin")).unwrap(),
+        std::fs::read(src.join("sub/data.bin")).unwrap()
     );
 }
 
@@ -413,7 +480,9 @@ fn a_backup_extends_the_lock_of_reused_packs_that_would_end_before_its_snapshot(
         mode: LockMode::Compliance,
         days: 40,
     };
-    crate::backup::extend_locks(&repo, &index, &all, lock, needed).unwrap();
+    let stale = crate::backup::packs_to_extend(&index, &all, needed);
+    assert_eq!(stale.len(), old.len());
+    crate::backup::extend_locks(&repo, stale, lock).unwrap();
     let index = repo.load_index().unwrap();
     for (id, before) in old {
         let stored = mem.retained_until(&pack_key(&id)).unwrap();
@@ -426,10 +495,8 @@ fn a_backup_extends_the_lock_of_reused_packs_that_would_end_before_its_snapshot(
             .unwrap();
         assert!(recorded > before && recorded <= stored, "{recorded}");
     }
-    // Packs already locked long enough are left alone: no new index object.
-    let objects = mem.list("index/").unwrap().len();
-    crate::backup::extend_locks(&repo, &index, &all, lock, needed).unwrap();
-    assert_eq!(mem.list("index/").unwrap().len(), objects);
+    // Packs already locked long enough are left alone.
+    assert!(crate::backup::packs_to_extend(&index, &all, needed).is_empty());
 }
 
 #[test]

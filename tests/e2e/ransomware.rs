@@ -188,8 +188,10 @@ fn object_lock_on_moto_keeps_locked_snapshots_from_forget_prune_and_the_s3_api()
     let report = boto3(
         moto.endpoint(),
         "bucket = 'locked-by-init'\n\
-         versions = s3.list_object_versions(Bucket=bucket, Prefix='host1/')['Versions']\n\
-         out = {'objects': 0, 'locked': 0, 'refused': 0}\n\
+         listing = s3.list_object_versions(Bucket=bucket, Prefix='host1/')\n\
+         versions = listing['Versions']\n\
+         out = {'objects': 0, 'locked': 0, 'refused': 0, 'markers': len(listing.get('DeleteMarkers', [])),\n\
+         \x20      'leftovers': sum(1 for v in versions if '/probe/' in v['Key'] or '/pending/clock-' in v['Key'])}\n\
          for v in versions:\n\
          \x20   key = v['Key']\n\
          \x20   if not any(key.startswith('host1/' + p) for p in ('snapshots/', 'data/', 'index/')):\n\
@@ -210,6 +212,10 @@ fn object_lock_on_moto_keeps_locked_snapshots_from_forget_prune_and_the_s3_api()
     assert!(objects >= 6, "{report}");
     assert_eq!(report["locked"].as_u64(), Some(objects), "{report}");
     assert_eq!(report["refused"].as_u64(), Some(2), "{report}");
+    // Deletes in a versioned bucket remove versions by ID: the probes and
+    // prune's clock object are gone, not hidden behind delete markers.
+    assert_eq!(report["markers"].as_u64(), Some(0), "{report}");
+    assert_eq!(report["leftovers"].as_u64(), Some(0), "{report}");
 
     // And the data is all there.
     lb.ok(&["check", "--read-data"]);

@@ -203,6 +203,7 @@ impl Drop for S3Backend {
 }
 
 /// How an S3 call failed, before it becomes a [`BackendError`].
+#[derive(Debug)]
 enum Failure {
     NotFound,
     PreconditionFailed,
@@ -375,11 +376,6 @@ impl S3Backend {
             Err(Failure::Other(e)) => return Err(e),
             Err(_) => false,
         };
-        // A write-only host may not delete; the probe object is tiny and
-        // prune's stale-object sweep does not depend on it being gone.
-        if let Err(e) = self.delete(&key) {
-            log::debug!("could not delete probe object {key}: {e}");
-        }
         let versioning = self
             .run(&key, 0, async {
                 self.client
@@ -389,6 +385,7 @@ impl S3Backend {
                     .await
                     .map_err(|e| classify(bucket, "versioning", e))
             })
+            .map_err(|e| log::debug!("cannot read the bucket's versioning: {e:?}"))
             .ok()
             .map(|v| {
                 matches!(
@@ -412,6 +409,12 @@ impl S3Backend {
             Err(Failure::NotFound) => Some(false),
             Err(_) => None,
         };
+        // A write-only host may not delete; prune's sweep removes what it
+        // leaves (every version of it, in a versioned bucket).
+        let versioned = versioning == Some(true) || object_lock == Some(true);
+        if let Err(e) = self.delete_key(&key, versioned) {
+            log::debug!("could not delete probe object {key}: {e}");
+        }
         Ok(Capabilities {
             conditional_writes,
             versioning,
@@ -913,23 +916,16 @@ impl Backend for S3Backend {
         })
     }
 
+    /// In a versioned bucket (every bucket with Object Lock is one) a plain
+    /// DELETE only hides the object behind a delete marker: no space is
+    /// freed, and a locked object would seem deleted. There every version
+    /// is deleted by its ID instead, which frees the space and which the
+    /// store refuses, loudly, for a locked version.
     fn delete(&self, key: &str) -> Result<(), BackendError> {
-        validate_key(key)?;
-        let full = self.full_key(key);
-        let result = self.run(key, 0, async {
-            self.client
-                .delete_object()
-                .bucket(&self.opts.bucket)
-                .key(&full)
-                .send()
-                .await
-                .map_err(|e| classify(key, "delete", e))
-        });
-        match result {
-            Ok(_) | Err(Failure::NotFound) => Ok(()),
-            Err(Failure::Other(e)) => Err(e),
-            Err(_) => Err(unexpected(key, "to a delete")),
-        }
+        // Object Lock needs versioning (and moto answers the versioning
+        // query in XML the SDK cannot parse, so that alone may be unknown).
+        let versioned = self.caps.versioning == Some(true) || self.caps.object_lock == Some(true);
+        self.delete_key(key, versioned)
     }
 
     fn stat(&self, key: &str) -> Result<ObjectInfo, BackendError> {
@@ -1031,8 +1027,10 @@ impl Backend for S3Backend {
         let now = std::time::SystemTime::now();
         for probe in self.list("probe/")? {
             if now.duration_since(probe.modified).unwrap_or_default() >= older_than {
-                self.delete(&probe.key)?;
-                removed += 1;
+                match self.delete(&probe.key) {
+                    Ok(()) => removed += 1,
+                    Err(e) => log::warn!("could not remove probe object {}: {e}", probe.key),
+                }
             }
         }
         Ok(removed)
@@ -1040,6 +1038,65 @@ impl Backend for S3Backend {
 }
 
 impl S3Backend {
+    /// Deletes a key; in a versioned bucket, every version of it by ID.
+    fn delete_key(&self, key: &str, versioned: bool) -> Result<(), BackendError> {
+        validate_key(key)?;
+        let full = self.full_key(key);
+        let versions = if versioned {
+            self.versions_of(key, &full)?
+        } else {
+            vec![None]
+        };
+        for version in versions {
+            let result = self.run(key, 0, async {
+                self.client
+                    .delete_object()
+                    .bucket(&self.opts.bucket)
+                    .key(&full)
+                    .set_version_id(version)
+                    .send()
+                    .await
+                    .map_err(|e| classify(key, "delete", e))
+            });
+            match result {
+                Ok(_) | Err(Failure::NotFound) => {}
+                Err(Failure::Other(e)) => return Err(e),
+                Err(_) => return Err(unexpected(key, "to a delete")),
+            }
+        }
+        Ok(())
+    }
+
+    /// The version IDs of every version and delete marker of one key.
+    fn versions_of(&self, key: &str, full: &str) -> Result<Vec<Option<String>>, BackendError> {
+        let listed = self.run(key, 0, async {
+            self.client
+                .list_object_versions()
+                .bucket(&self.opts.bucket)
+                .prefix(full)
+                .send()
+                .await
+                .map_err(|e| classify(key, "list versions", e))
+        });
+        let page = match listed {
+            Ok(page) => page,
+            Err(Failure::NotFound) => return Ok(Vec::new()),
+            Err(Failure::Other(e)) => return Err(e),
+            Err(_) => return Err(unexpected(key, "to a version listing")),
+        };
+        let versions = page
+            .versions()
+            .iter()
+            .filter(|v| v.key() == Some(full))
+            .map(|v| v.version_id().map(str::to_string));
+        let markers = page
+            .delete_markers()
+            .iter()
+            .filter(|m| m.key() == Some(full))
+            .map(|m| m.version_id().map(str::to_string));
+        Ok(versions.chain(markers).collect())
+    }
+
     /// A put, with a retention or without. Retained objects always go up
     /// in one request: S3 wants a Content-MD5 per part otherwise, and
     /// retained objects (packs, index objects, snapshots) are small.
