@@ -54,6 +54,8 @@ pub use tree::{Bytes, Node, NodeKind, Snapshot, Summary, Tree};
 #[cfg(test)]
 mod engine_tests;
 #[cfg(test)]
+mod reliability_tests;
+#[cfg(test)]
 mod write_only_tests;
 
 /// Helpers shared by the unit tests.

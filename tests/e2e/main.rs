@@ -7,6 +7,7 @@ mod browser;
 mod drills;
 mod packaging;
 mod ransomware;
+mod reliability;
 mod s3;
 mod servers;
 mod util;
