@@ -199,8 +199,14 @@ fn kill_9_of_backup_and_prune_at_random_moments_never_damages_a_local_repository
     let tmp = tempfile::tempdir().unwrap();
     let lb = Lb::new(tmp.path(), Some("pw"));
     lb.ok(&["init", "--pack-size", "1"]);
-    let (killed, rounds) =
-        survive_kills(&lb, &tmp.path().join("src"), tmp.path(), kills(9), 12, true);
+    let (killed, rounds) = survive_kills(
+        &lb,
+        &tmp.path().join("src"),
+        tmp.path(),
+        kills(15),
+        12,
+        true,
+    );
     assert!(
         killed * 2 >= rounds,
         "most rounds were killed mid-way: {killed} of {rounds}"
@@ -214,7 +220,7 @@ fn kill_9_of_backup_and_prune_on_garage_never_damages_the_repository() {
     let tmp = tempfile::tempdir().unwrap();
     let lb = Lb::remote(tmp.path(), &target.url("chaos"), target.env(), "pw");
     lb.ok(&["init", "--pack-size", "1"]);
-    let (killed, _) = survive_kills(&lb, &tmp.path().join("src"), tmp.path(), kills(4), 8, false);
+    let (killed, _) = survive_kills(&lb, &tmp.path().join("src"), tmp.path(), kills(6), 8, false);
     assert!(killed >= 1, "at least one kill landed mid-way");
 }
 
