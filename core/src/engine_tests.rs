@@ -554,6 +554,55 @@ fn node(name: &str, kind: &str, extra: serde_json::Value) -> serde_json::Value {
 }
 
 #[test]
+fn a_hostile_tree_that_names_itself_as_its_subtree_ends_in_an_error_not_a_loop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = Repository::init(
+        Arc::new(LocalBackend::new(tmp.path().join("repo"))),
+        "pw",
+        &opts(),
+    )
+    .unwrap();
+    // A tree listing a directory whose subtree is the tree itself: its
+    // index entry claims an ID its content does not hash to (a real cycle
+    // would need a BLAKE3 fixed point).
+    let cyclic = Id::of_bytes(b"claimed id");
+    let text = serde_json::json!({"nodes": [node("loop", "dir", serde_json::json!({"subtree": cyclic.to_hex()}))]})
+        .to_string();
+    let mut pb = PackBuilder::new(BlobKind::Tree, 0);
+    let mut frame = Vec::new();
+    BlobEncoder::new(3).encode_into(text.as_bytes(), &mut frame);
+    pb.add(cyclic, text.len() as u32, &frame);
+    let (plain, header) = pb.finish();
+    let ct = repo.recipients().encrypt(&plain);
+    let pack_id = Id::of_bytes(&ct);
+    repo.backend().put(&pack_key(&pack_id), &ct).unwrap();
+    repo.save_json(
+        "index",
+        &IndexFile {
+            version: 1,
+            packs: vec![IndexPack {
+                locked_until: None,
+                id: pack_id,
+                kind: BlobKind::Tree,
+                size: ct.len() as u64,
+                blobs: header.blobs,
+            }],
+        },
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let target = tmp.path().join("target");
+    match restore_to(&repo, &cyclic, &target, false) {
+        Ok(r) => assert!(!r.failures.is_empty(), "{r:?}"),
+        Err(e) => assert!(e.to_string().contains("does not match"), "{e}"),
+    }
+    let index = repo.load_index().unwrap();
+    let err = repo.load_tree(&index, &cyclic).unwrap_err();
+    assert!(err.to_string().contains("does not match its ID"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}
+
+#[test]
 fn a_hostile_snapshot_cannot_write_outside_the_target() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = Repository::init(

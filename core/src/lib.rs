@@ -38,6 +38,7 @@ pub mod internals {
     pub use crate::pack::{
         decode_blob, parse_pack, raw_frame, BlobEncoder, BlobKind, PackBuilder, PackEntry,
     };
+    pub use crate::repo::parse_config;
 }
 pub use backend::{LockMode, Retention};
 pub use crypto::WriterKey;

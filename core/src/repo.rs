@@ -292,7 +292,14 @@ fn read_config_once(backend: &dyn Backend) -> Result<Config> {
         }
         Err(e) => return Err(e.into()),
     };
-    let value: serde_json::Value = serde_json::from_slice(&bytes)
+    parse_config(&bytes)
+}
+
+/// Parses and range-checks a config object's bytes (the format version
+/// first, so a newer repository is refused clearly). Public for the fuzz
+/// targets through `internals`.
+pub fn parse_config(bytes: &[u8]) -> Result<Config> {
+    let value: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| Error::corrupt("repository config", format!("not JSON: {e}")))?;
     if value.get("format").and_then(|f| f.as_str()) != Some(FORMAT_NAME) {
         return Err(Error::corrupt(
