@@ -156,11 +156,19 @@ pub(crate) fn check_no_new_condemnation(
     Ok(())
 }
 
-/// Blob IDs every snapshot needs (trees and data). Fails if any tree cannot
-/// be read: pruning on an incomplete picture could delete live data.
-pub fn used_blobs(repo: &Repository, index: &crate::index::Index) -> Result<HashSet<Id>> {
+/// Blob IDs the snapshots with root trees `roots` need (trees and data).
+/// Fails if any tree cannot be read: pruning on an incomplete picture could
+/// delete live data. The roots must be listed *before* `index` is loaded:
+/// a snapshot is written after its index objects, so every snapshot listed
+/// first has its blobs in an index loaded after (a snapshot that a backup
+/// commits in between is covered by the plan protocol instead).
+pub fn used_blobs(
+    index: &crate::index::Index,
+    repo: &Repository,
+    roots: Vec<Id>,
+) -> Result<HashSet<Id>> {
     let mut used = HashSet::new();
-    let mut stack: Vec<Id> = repo.snapshots()?.into_iter().map(|(_, s)| s.tree).collect();
+    let mut stack = roots;
     while let Some(tree_id) = stack.pop() {
         if !used.insert(tree_id) {
             continue;
@@ -308,6 +316,7 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     // Load the index files individually: we rewrite them. An index object
     // is retained as long as the shortest-locked pack it lists (see
     // `backup`), so it stays while that lock has not ended.
+    let roots: Vec<Id> = repo.snapshots()?.into_iter().map(|(_, s)| s.tree).collect();
     let index_ids = repo.list_ids("index")?;
     let mut index_packs: HashMap<Id, IndexPack> = HashMap::new();
     let mut index_locked: HashSet<Id> = HashSet::new();
@@ -327,7 +336,7 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     report.packs_total = stored.len();
 
     let index = index.build();
-    let used = used_blobs(repo, &index)?;
+    let used = used_blobs(&index, repo, roots)?;
 
     // Phase two: execute plans past their grace period.
     let mut plans: Vec<(Id, PrunePlan, SystemTime)> = Vec::new();

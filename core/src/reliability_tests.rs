@@ -397,7 +397,7 @@ fn hosts_backing_up_while_forget_and_prune_run_never_lose_referenced_data() {
     let tmp = tempfile::tempdir().unwrap();
     let store: Arc<dyn Backend> = Arc::new(LocalBackend::new(tmp.path().join("repo")));
     Repository::init(store.clone(), "pw", &opts()).unwrap();
-    let n = rounds(4);
+    let n = rounds(15);
     let hosts = ["alpha", "beta", "gamma"];
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (committed, refused, prunes) = std::thread::scope(|s| {
