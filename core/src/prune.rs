@@ -474,7 +474,7 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     }
     if !opts.dry_run {
         report.temp_files_removed =
-            backend.remove_stale_temp_files(min_age.max(Duration::from_secs(3600)))?;
+            backend.remove_stale_temp_files(min_age.max(Duration::from_secs(3600)), now)?;
     }
     if opts.dry_run {
         report.packs_condemned = newly_condemned.len() + to_repack.len();

@@ -253,7 +253,7 @@ fn stdin_backups_round_trip_through_dump() {
 }
 
 #[test]
-fn an_unreadable_file_is_a_warning_and_the_snapshot_is_saved_as_incomplete() {
+fn an_unreadable_file_or_subtree_is_a_warning_and_the_snapshot_is_saved_as_incomplete() {
     let tmp = tempfile::tempdir().unwrap();
     // Run as an unprivileged user so that permissions apply (tests run as root).
     let base = tmp.path().join("world");
@@ -265,6 +265,10 @@ fn an_unreadable_file_is_a_warning_and_the_snapshot_is_saved_as_incomplete() {
     std::fs::write(src.join("readable"), "ok").unwrap();
     std::fs::write(src.join("secret"), "no").unwrap();
     set_mode(&src.join("secret"), 0o600);
+    // A whole subtree nobody but its owner may enter.
+    std::fs::create_dir_all(src.join("private/deeper")).unwrap();
+    std::fs::write(src.join("private/deeper/key"), "k").unwrap();
+    set_mode(&src.join("private"), 0o700);
     set_mode(&src.join("readable"), 0o644);
     set_mode(&src, 0o755);
     let as_nobody = |args: &[&str]| {
@@ -289,8 +293,8 @@ fn an_unreadable_file_is_a_warning_and_the_snapshot_is_saved_as_incomplete() {
         stderr(&out)
     );
     assert!(
-        stderr(&out).contains("secret"),
-        "the warning names the file: {}",
+        stderr(&out).contains("secret") && stderr(&out).contains("private"),
+        "the warnings name the file and the subtree: {}",
         stderr(&out)
     );
     let out = as_nobody(&["snapshots", "--json"]);
@@ -299,7 +303,9 @@ fn an_unreadable_file_is_a_warning_and_the_snapshot_is_saved_as_incomplete() {
     let out = as_nobody(&["ls", "latest"]);
     let listing = String::from_utf8_lossy(&out.stdout);
     assert!(
-        listing.contains("/readable") && !listing.contains("/secret"),
+        listing.contains("/readable")
+            && !listing.contains("/secret")
+            && !listing.contains("/private/deeper"),
         "{listing}"
     );
 }

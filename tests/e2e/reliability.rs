@@ -340,7 +340,7 @@ fn a_prune_on_a_host_whose_clock_is_hours_off_spares_a_running_backups_uploads()
     let mut survived = 0;
     for offset in ["+10h", "-10h"] {
         // A backup on the host with the right clock, paused mid-upload.
-        let mut backup = lb
+        let backup = lb
             .command()
             .args(["backup", src.to_str().unwrap()])
             .stdin(Stdio::null())
@@ -363,10 +363,11 @@ fn a_prune_on_a_host_whose_clock_is_hours_off_spares_a_running_backups_uploads()
             std::thread::sleep(Duration::from_millis(1100));
         }
         unsafe { libc::kill(backup.id() as i32, libc::SIGCONT) };
-        let status = backup.wait().unwrap();
+        let out = backup.wait_with_output().unwrap();
         assert!(
-            status.success(),
-            "the paused backup commits after the skewed prune"
+            out.status.success(),
+            "the paused backup commits after the prune at {offset}: {}",
+            stderr(&out)
         );
         lb.ok(&["check", "--read-data"]);
         survived += 1;
@@ -407,9 +408,9 @@ fn sources_that_change_vanish_or_refuse_while_being_read_never_hang_or_break_a_b
         .status()
         .unwrap();
     assert!(long.success());
-    // A subtree nobody may read (the backup runs as root, so this one is
-    // exercised by `an_unreadable_file_is_a_warning...` as nobody; here it
-    // only must not stop the backup).
+    // Directories that appear and vanish under the walk. (Unreadable files
+    // and subtrees need a non-root user: `an_unreadable_file_or_subtree_...`
+    // in main.rs runs the backup as nobody.)
     std::fs::create_dir(src.join("churn")).unwrap();
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -175,18 +175,25 @@ fn multipart_round_trip_and_stale_upload_sweep(target: &S3Target, real_upload_ti
     if real_upload_times {
         assert_eq!(
             backend
-                .remove_stale_temp_files(Duration::from_secs(3600))
+                .remove_stale_temp_files(Duration::from_secs(3600), std::time::SystemTime::now())
                 .unwrap(),
             0,
             "a young upload may belong to a running backup and is left alone"
         );
     }
     assert_eq!(
-        backend.remove_stale_temp_files(Duration::ZERO).unwrap(),
+        backend
+            .remove_stale_temp_files(Duration::ZERO, std::time::SystemTime::now())
+            .unwrap(),
         1,
         "the dangling upload is aborted"
     );
-    assert_eq!(backend.remove_stale_temp_files(Duration::ZERO).unwrap(), 0);
+    assert_eq!(
+        backend
+            .remove_stale_temp_files(Duration::ZERO, std::time::SystemTime::now())
+            .unwrap(),
+        0
+    );
 }
 
 #[test]

@@ -212,7 +212,7 @@ mod tests {
             .collect();
         assert_eq!(keys, ["snapshots/abc"]);
         assert_eq!(
-            b.remove_stale_temp_files(std::time::Duration::ZERO)
+            b.remove_stale_temp_files(std::time::Duration::ZERO, std::time::SystemTime::now())
                 .unwrap(),
             1
         );

@@ -111,15 +111,24 @@ impl LocalBackend {
 
     /// Removes temporary files of puts that crashed, older than `age`. Returns
     /// how many were removed.
-    fn remove_stale(&self, age: std::time::Duration) -> io::Result<usize> {
-        fn visit(dir: &Path, age: std::time::Duration, n: &mut usize) -> io::Result<()> {
+    fn remove_stale(
+        &self,
+        age: std::time::Duration,
+        now: std::time::SystemTime,
+    ) -> io::Result<usize> {
+        fn visit(
+            dir: &Path,
+            age: std::time::Duration,
+            now: std::time::SystemTime,
+            n: &mut usize,
+        ) -> io::Result<()> {
             for entry in fs::read_dir(dir)? {
                 let entry = entry?;
                 let meta = entry.metadata()?;
                 if meta.is_dir() {
-                    visit(&entry.path(), age, n)?;
+                    visit(&entry.path(), age, now, n)?;
                 } else if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX)
-                    && meta.modified()?.elapsed().unwrap_or_default() > age
+                    && now.duration_since(meta.modified()?).unwrap_or_default() > age
                 {
                     fs::remove_file(entry.path())?;
                     *n += 1;
@@ -129,7 +138,7 @@ impl LocalBackend {
         }
         let mut n = 0;
         if self.root.is_dir() {
-            visit(&self.root, age, &mut n)?;
+            visit(&self.root, age, now, &mut n)?;
         }
         Ok(n)
     }
@@ -255,8 +264,9 @@ impl Backend for LocalBackend {
     fn remove_stale_temp_files(
         &self,
         older_than: std::time::Duration,
+        now: std::time::SystemTime,
     ) -> Result<usize, BackendError> {
-        self.remove_stale(older_than)
+        self.remove_stale(older_than, now)
             .map_err(|e| BackendError::from_io(&self.root.display().to_string(), e))
     }
 }

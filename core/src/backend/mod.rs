@@ -198,12 +198,16 @@ pub trait Backend: Send + Sync + fmt::Debug {
     }
     /// Removes leftovers of writes interrupted longer ago than `older_than`
     /// (temporary files, unfinished multipart uploads); returns how many.
-    /// Stores without such leftovers keep the default.
+    /// Ages are measured against `now`, *the store's* clock (prune measures
+    /// it by writing an object): a host whose clock runs hours ahead must
+    /// not remove a running backup's temporary files. Stores without such
+    /// leftovers keep the default.
     fn remove_stale_temp_files(
         &self,
         older_than: std::time::Duration,
+        now: std::time::SystemTime,
     ) -> Result<usize, BackendError> {
-        let _ = older_than;
+        let _ = (older_than, now);
         Ok(0)
     }
     /// True when the store can retain objects (S3 Object Lock).

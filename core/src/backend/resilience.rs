@@ -69,8 +69,14 @@ macro_rules! forward_through_call {
         fn exclusive_create(&self) -> bool {
             self.inner.exclusive_create()
         }
-        fn remove_stale_temp_files(&self, older_than: Duration) -> Result<usize, BackendError> {
-            self.call(MAINTENANCE_KEY, |b| b.remove_stale_temp_files(older_than))
+        fn remove_stale_temp_files(
+            &self,
+            older_than: Duration,
+            now: std::time::SystemTime,
+        ) -> Result<usize, BackendError> {
+            self.call(MAINTENANCE_KEY, |b| {
+                b.remove_stale_temp_files(older_than, now)
+            })
         }
         fn object_lock(&self) -> bool {
             self.inner.object_lock()
@@ -713,9 +719,13 @@ impl Backend for Timeout {
     fn exclusive_create(&self) -> bool {
         self.inner.exclusive_create()
     }
-    fn remove_stale_temp_files(&self, older_than: Duration) -> Result<usize, BackendError> {
+    fn remove_stale_temp_files(
+        &self,
+        older_than: Duration,
+        now: std::time::SystemTime,
+    ) -> Result<usize, BackendError> {
         // A maintenance sweep may scan a whole store; no per-request deadline fits it.
-        self.inner.remove_stale_temp_files(older_than)
+        self.inner.remove_stale_temp_files(older_than, now)
     }
     fn object_lock(&self) -> bool {
         self.inner.object_lock()
@@ -884,8 +894,12 @@ impl Backend for Faulty {
     fn exclusive_create(&self) -> bool {
         self.inner.exclusive_create()
     }
-    fn remove_stale_temp_files(&self, older_than: Duration) -> Result<usize, BackendError> {
-        self.inner.remove_stale_temp_files(older_than)
+    fn remove_stale_temp_files(
+        &self,
+        older_than: Duration,
+        now: std::time::SystemTime,
+    ) -> Result<usize, BackendError> {
+        self.inner.remove_stale_temp_files(older_than, now)
     }
 }
 

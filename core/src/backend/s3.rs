@@ -961,8 +961,12 @@ impl Backend for S3Backend {
     /// started longer ago than `older_than` (a crashed backup's leftovers),
     /// and removes capability probe objects as old (a host without delete
     /// permission cannot remove its own).
-    fn remove_stale_temp_files(&self, older_than: Duration) -> Result<usize, BackendError> {
-        let cutoff = SystemTime::now()
+    fn remove_stale_temp_files(
+        &self,
+        older_than: Duration,
+        now: SystemTime,
+    ) -> Result<usize, BackendError> {
+        let cutoff = now
             .checked_sub(older_than)
             .unwrap_or(SystemTime::UNIX_EPOCH);
         let mut stale = Vec::new();
@@ -988,7 +992,7 @@ impl Backend for S3Backend {
                 let initiated = upload
                     .initiated()
                     .and_then(|t| SystemTime::try_from(*t).ok())
-                    .unwrap_or(SystemTime::now());
+                    .unwrap_or(now);
                 if initiated <= cutoff {
                     if let (Some(k), Some(id)) = (upload.key(), upload.upload_id()) {
                         stale.push((k.to_string(), id.to_string()));
@@ -1024,7 +1028,6 @@ impl Backend for S3Backend {
         }
         // Capability probes a host without delete permission (a write-only
         // backup host) had to leave behind.
-        let now = std::time::SystemTime::now();
         for probe in self.list("probe/")? {
             if now.duration_since(probe.modified).unwrap_or_default() >= older_than {
                 match self.delete(&probe.key) {
