@@ -66,6 +66,9 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
     // A writer credential would see every snapshot as unreadable, which is
     // not damage: refuse instead of reporting it as such.
     repo.require_full_key("check")?;
+    // Trees are read fresh: packs this handle decrypted earlier (a
+    // long-lived agent or test) must not stand in for damaged ones.
+    repo.clear_pack_cache();
     let mut report = CheckReport::default();
 
     // Indexes.
@@ -341,7 +344,10 @@ fn trace(
     out: &mut Vec<Affected>,
 ) {
     let snapshot = snap_id.short();
-    if let Some(why) = bad_trees.get(root) {
+    // A tree is damaged if it failed to load or if reading its pack found
+    // its frame damaged.
+    let damaged = |t: &Id| bad_trees.get(t).or_else(|| bad_blobs.get(t));
+    if let Some(why) = damaged(root) {
         out.push(Affected {
             snapshot,
             path: "/".into(),
@@ -359,7 +365,7 @@ fn trace(
             match n.kind {
                 NodeKind::Dir => {
                     if let Some(sub) = n.subtree {
-                        if let Some(why) = bad_trees.get(&sub) {
+                        if let Some(why) = damaged(&sub) {
                             out.push(Affected {
                                 snapshot: snapshot.clone(),
                                 path: format!("{path}/"),
