@@ -391,11 +391,7 @@ impl Agent {
             })
             .collect();
         // Object Lock is judged by the store's clock (less a margin).
-        let lock_now = if ours.iter().any(|s| s.locked_until.is_some()) {
-            lifeboat_core::prune::lock_clock(&repo).map_err(|e| e.to_string())?
-        } else {
-            Utc::now()
-        };
+        let lock_now = lifeboat_core::prune::lock_clock(&repo).map_err(|e| e.to_string())?;
         let groups = apply_policy(
             &ours,
             &retention.policy,

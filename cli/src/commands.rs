@@ -731,11 +731,7 @@ fn forget(g: &Global, a: &ForgetArgs) -> Result<u8> {
     let repo = open(g)?;
     let snaps = repo.snapshots()?;
     // Object Lock is judged by the store's clock (less a margin), not ours.
-    let lock_now = if snaps.iter().any(|(_, s)| s.locked_until.is_some()) {
-        lifeboat_core::prune::lock_clock(&repo)?
-    } else {
-        chrono::Utc::now()
-    };
+    let lock_now = lifeboat_core::prune::lock_clock(&repo)?;
     let mut remove: Vec<(Id, Snapshot)> = Vec::new();
     let mut json_groups = serde_json::Value::Null;
     if !a.snapshots.is_empty() {

@@ -524,6 +524,13 @@ fn forge_snapshot(repo: &Repository, trees: &[serde_json::Value]) -> Id {
         pb.add(id, text.len() as u32, &frame);
         ids[i] = id;
     }
+    store_tree_pack(repo, pb);
+    ids[0]
+}
+
+/// Encrypts and stores a pack of tree blobs and indexes it, as a backup
+/// would, whatever IDs the builder was given.
+fn store_tree_pack(repo: &Repository, pb: PackBuilder) {
     let (plain, header) = pb.finish();
     let ct = repo.recipients().encrypt(&plain);
     let pack_id = Id::of_bytes(&ct);
@@ -542,7 +549,6 @@ fn forge_snapshot(repo: &Repository, trees: &[serde_json::Value]) -> Id {
         },
     )
     .unwrap();
-    ids[0]
 }
 
 fn node(name: &str, kind: &str, extra: serde_json::Value) -> serde_json::Value {
@@ -572,24 +578,7 @@ fn a_hostile_tree_that_names_itself_as_its_subtree_ends_in_an_error_not_a_loop()
     let mut frame = Vec::new();
     BlobEncoder::new(3).encode_into(text.as_bytes(), &mut frame);
     pb.add(cyclic, text.len() as u32, &frame);
-    let (plain, header) = pb.finish();
-    let ct = repo.recipients().encrypt(&plain);
-    let pack_id = Id::of_bytes(&ct);
-    repo.backend().put(&pack_key(&pack_id), &ct).unwrap();
-    repo.save_json(
-        "index",
-        &IndexFile {
-            version: 1,
-            packs: vec![IndexPack {
-                locked_until: None,
-                id: pack_id,
-                kind: BlobKind::Tree,
-                size: ct.len() as u64,
-                blobs: header.blobs,
-            }],
-        },
-    )
-    .unwrap();
+    store_tree_pack(&repo, pb);
     let started = std::time::Instant::now();
     let target = tmp.path().join("target");
     match restore_to(&repo, &cyclic, &target, false) {

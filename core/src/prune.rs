@@ -197,10 +197,19 @@ pub const LOCK_CLOCK_MARGIN: Duration = Duration::from_secs(600);
 /// The instant before which an Object Lock counts as ended: the store's
 /// clock (see [`storage_now`]) less [`LOCK_CLOCK_MARGIN`]. `forget` and
 /// retention judge locks by it, so a host whose clock runs ahead cannot
-/// try to delete a snapshot the store still holds.
+/// try to delete a snapshot the store still holds. A repository without a
+/// lock policy has no locks to judge: the host's clock, and no probe write.
 pub fn lock_clock(repo: &Repository) -> Result<chrono::DateTime<chrono::Utc>> {
-    let now: chrono::DateTime<chrono::Utc> = storage_now(repo)?.into();
-    Ok(now - chrono::Duration::from_std(LOCK_CLOCK_MARGIN).expect("small duration"))
+    if repo.lock_policy().is_none() {
+        return Ok(chrono::Utc::now());
+    }
+    Ok(less_margin(storage_now(repo)?))
+}
+
+/// `now` less [`LOCK_CLOCK_MARGIN`].
+fn less_margin(now: SystemTime) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::<chrono::Utc>::from(now)
+        - chrono::Duration::from_std(LOCK_CLOCK_MARGIN).expect("small duration")
 }
 
 /// The storage's idea of "now": the modification time of an object we
@@ -308,8 +317,7 @@ fn prune_once(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     let backend = repo.backend();
     let now = storage_now(repo)?;
     let locks = Locks {
-        now: chrono::DateTime::<chrono::Utc>::from(now)
-            - chrono::Duration::from_std(LOCK_CLOCK_MARGIN).expect("small duration"),
+        now: less_margin(now),
         unindexed: repo.lock_policy(),
     };
 

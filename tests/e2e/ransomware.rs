@@ -6,11 +6,9 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use serde_json::Value;
-
 use crate::s3::make_source;
 use crate::servers::Moto;
-use crate::util::{assert_trees_equal, Lb};
+use crate::util::{assert_trees_equal, json, Lb};
 use crate::{code, new_repo, stderr, under};
 
 const PASSPHRASE: &str = "correct horse battery staple";
@@ -24,10 +22,6 @@ fn writer_of(lb: &Lb, key: &Path, cache: &Path) -> Lb {
         .env
         .push(("LIFEBOAT_WRITER_KEY".into(), key.display().to_string()));
     writer
-}
-
-fn json(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
 #[test]

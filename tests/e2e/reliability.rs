@@ -10,10 +10,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use crate::servers::Garage;
-use crate::util::{lifeboat_bin, write_random_file, Lb};
+use crate::util::{json, lifeboat_bin, write_random_file, Lb};
 use crate::{code, stderr};
 
 /// How many kills a chaos test deals: a short run in CI, more on request.
@@ -58,10 +56,6 @@ fn kill_after(mut child: Child, after: Duration) -> bool {
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     child.wait().unwrap();
     killed
-}
-
-fn json(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
 /// Snapshot IDs by their `round-N` tag.
@@ -302,20 +296,11 @@ fn a_prune_on_a_host_whose_clock_is_hours_off_spares_a_running_backups_uploads()
         write_random_file(&src.join(format!("f{i:02}.bin")), 8 << 20, i);
     }
     let skewed = |offset: &str, args: &[&str]| {
-        let cmd = lb.command();
-        let program = cmd.get_program().to_owned();
-        let mut faked = Command::new("faketime");
-        faked.arg("-f").arg(offset).arg(program);
-        for a in cmd.get_args() {
-            faked.arg(a);
-        }
-        for (k, v) in cmd.get_envs() {
-            match v {
-                Some(v) => faked.env(k, v),
-                None => faked.env_remove(k),
-            };
-        }
-        faked.args(args).stdin(Stdio::null()).output().unwrap()
+        lb.command_under("faketime", &["-f".as_ref(), offset.as_ref()])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
     };
     // faketime really moves lifeboat's clock: a snapshot taken under it is
     // dated ten hours ahead.
@@ -590,20 +575,13 @@ fn power_loss_at_any_moment_of_a_backup_leaves_a_valid_local_repository() {
         write_random_file(&src.join(format!("f{i}.bin")), 3 << 20, i + 40);
     }
     let trace = tmp.path().join("trace");
-    let cmd = lb.command();
-    let mut traced = Command::new("strace");
-    traced
-        .args(["-f", "-y", "-qq", "-e", "trace=fsync,linkat,mkdir", "-o"])
-        .arg(&trace)
-        .arg(cmd.get_program());
-    traced.args(cmd.get_args());
-    for (k, v) in cmd.get_envs() {
-        match v {
-            Some(v) => traced.env(k, v),
-            None => traced.env_remove(k),
-        };
-    }
-    let out = traced
+    let strace: Vec<&std::ffi::OsStr> = ["-f", "-y", "-qq", "-e", "trace=fsync,linkat,mkdir", "-o"]
+        .iter()
+        .map(std::ffi::OsStr::new)
+        .chain([trace.as_os_str()])
+        .collect();
+    let out = lb
+        .command_under("strace", &strace)
         .args(["backup", src.to_str().unwrap()])
         .stdin(Stdio::null())
         .output()

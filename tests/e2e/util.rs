@@ -278,6 +278,22 @@ impl Lb {
         cmd
     }
 
+    /// [`command`](Self::command) run under another program, e.g.
+    /// `faketime -f +10h` or `strace …`: `program prefix… lifeboat --repo
+    /// <repo>` with the same environment. Callers add arguments.
+    pub fn command_under(&self, program: &str, prefix: &[&OsStr]) -> Command {
+        let own = self.command();
+        let mut cmd = Command::new(program);
+        cmd.args(prefix).arg(own.get_program()).args(own.get_args());
+        for (key, value) in own.get_envs() {
+            match value {
+                Some(value) => cmd.env(key, value),
+                None => cmd.env_remove(key),
+            };
+        }
+        cmd
+    }
+
     /// Runs `lifeboat --repo <repo> <args>` to completion and returns its
     /// exit status and captured output, whatever they are.
     pub fn run(&self, args: &[&OsStr]) -> Output {
@@ -336,6 +352,11 @@ impl Lb {
         words.extend(args.iter().map(|arg| arg.to_string_lossy().into_owned()));
         words.join(" ")
     }
+}
+
+/// Parses a command's JSON output, naming the text when it is not JSON.
+pub fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
 /// Writes `len` pseudo-random bytes to `path` (replacing any existing file).
