@@ -122,17 +122,27 @@ impl LocalBackend {
             now: std::time::SystemTime,
             n: &mut usize,
         ) -> io::Result<()> {
+            // A backup running alongside links and removes its temporary
+            // files while we walk: an entry gone by the time we look at or
+            // remove it is not an error.
+            let gone = |r: io::Result<()>| match r {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            };
             for entry in fs::read_dir(dir)? {
-                let entry = entry?;
-                let meta = entry.metadata()?;
-                if meta.is_dir() {
-                    visit(&entry.path(), age, now, n)?;
-                } else if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX)
-                    && now.duration_since(meta.modified()?).unwrap_or_default() > age
-                {
-                    fs::remove_file(entry.path())?;
-                    *n += 1;
-                }
+                gone((|| {
+                    let entry = entry?;
+                    let meta = entry.metadata()?;
+                    if meta.is_dir() {
+                        visit(&entry.path(), age, now, n)?;
+                    } else if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX)
+                        && now.duration_since(meta.modified()?).unwrap_or_default() > age
+                    {
+                        fs::remove_file(entry.path())?;
+                        *n += 1;
+                    }
+                    Ok(())
+                })())?;
             }
             Ok(())
         }
