@@ -120,6 +120,11 @@ impl ChunkKey {
         Id(*blake3::keyed_hash(&self.0, plaintext).as_bytes())
     }
 
+    /// A hasher that computes [`Self::blob_id`] over data fed in pieces.
+    pub fn blob_hasher(&self) -> blake3::Hasher {
+        blake3::Hasher::new_keyed(&self.0)
+    }
+
     /// The keyed BLAKE3 ID of a tree blob. Trees are hashed with a key of
     /// their own so that no file's content can ever share an ID with a tree
     /// (a file holding `{"nodes":[]}` would otherwise dedup with every empty
@@ -218,6 +223,27 @@ impl MasterKey {
         age_decrypt(&self.identity, ciphertext, what, |object| {
             Error::corrupt(object, "not encrypted to this repository's key")
         })
+    }
+
+    /// Opens an age file encrypted to this repository as a stream that
+    /// authenticates each 64 KiB segment as it is read (and seeks without
+    /// decrypting what it skips), so a reader that wants a few ranges of a
+    /// pack never holds the whole plaintext.
+    pub fn decrypt_stream(
+        &self,
+        ciphertext: Vec<u8>,
+        what: &dyn Fn() -> String,
+    ) -> Result<AgeStream> {
+        let decryptor = age::Decryptor::new_buffered(std::io::Cursor::new(ciphertext))
+            .map_err(|e| Error::corrupt(what(), format!("not an age file: {e}")))?;
+        decryptor
+            .decrypt(std::iter::once(&self.identity as &dyn age::Identity))
+            .map_err(|e| match e {
+                age::DecryptError::NoMatchingKeys => {
+                    Error::corrupt(what(), "not encrypted to this repository's key")
+                }
+                e => Error::corrupt(what(), format!("cannot decrypt: {e}")),
+            })
     }
 
     /// Decrypts what can be decrypted of a damaged age file. age
@@ -404,6 +430,10 @@ fn age_decrypt(
         .map_err(|e| Error::corrupt(what(), format!("authentication failed: {e}")))?;
     Ok(out)
 }
+
+/// A decrypting stream over an age file held in memory (see
+/// [`MasterKey::decrypt_stream`]).
+pub type AgeStream = age::stream::StreamReader<std::io::Cursor<Vec<u8>>>;
 
 /// The `format` of a writer credential file.
 const WRITER_FORMAT: &str = "lifeboat-writer-credential";

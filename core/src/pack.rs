@@ -142,19 +142,29 @@ thread_local! {
 
 /// Decodes one blob frame whose plaintext is `raw_length` bytes.
 pub fn decode_blob(frame: &[u8], raw_length: u32) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    decode_blob_into(frame, raw_length, &mut out)?;
+    Ok(out)
+}
+
+/// [`decode_blob`] into `out` (replacing its content), so a loop over many
+/// blobs reuses one buffer instead of allocating each.
+pub fn decode_blob_into(frame: &[u8], raw_length: u32, out: &mut Vec<u8>) -> Result<(), String> {
     if raw_length > MAX_BLOB {
         return Err(format!("declared blob length {raw_length} is implausible"));
     }
-    let mut out = Vec::with_capacity(raw_length as usize);
+    out.clear();
+    out.reserve_exact(raw_length as usize);
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
             *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?);
         }
         let d = slot.as_mut().expect("just set");
-        // A frame may not be larger than its declared content: the buffer
-        // has exactly `raw_length` bytes, so a lying frame fails here.
-        d.decompress_to_buffer(frame, &mut out)
+        // Decompression stops at the buffer's capacity (at most the largest
+        // blob this buffer held), and a frame that lies about its content
+        // fails the length check below.
+        d.decompress_to_buffer(frame, out)
             .map_err(|e| format!("zstd: {e}"))
     })?;
     if out.len() != raw_length as usize {
@@ -163,7 +173,125 @@ pub fn decode_blob(frame: &[u8], raw_length: u32) -> Result<Vec<u8>, String> {
             out.len()
         ));
     }
-    Ok(out)
+    Ok(())
+}
+
+/// Why [`FrameDecoder::decode`] failed.
+#[derive(Debug)]
+pub enum FrameError {
+    /// Reading the frame failed (for a pack stream: a segment failed
+    /// authentication); the frame may be fine in a salvaged copy.
+    Read(std::io::Error),
+    /// The frame is not a valid encoding of a blob of its declared length.
+    Invalid(String),
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::Read(e) => write!(f, "{e}"),
+            FrameError::Invalid(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Decodes blob frames piece by piece: a restore then holds a few hundred
+/// KiB per blob instead of the whole blob (up to the 8 MiB chunk maximum,
+/// per thread), and hashes and writes each piece while it is still in the
+/// CPU cache. One per thread; it reuses its zstd context and buffers.
+pub struct FrameDecoder {
+    zstd: zstd::stream::raw::Decoder<'static>,
+    input: Vec<u8>,
+    output: Vec<u8>,
+}
+
+impl std::fmt::Debug for FrameDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameDecoder").finish_non_exhaustive()
+    }
+}
+
+impl FrameDecoder {
+    /// A decoder with 64 KiB of input and 256 KiB of output buffer.
+    pub fn new() -> std::io::Result<FrameDecoder> {
+        Ok(FrameDecoder {
+            zstd: zstd::stream::raw::Decoder::new()?,
+            input: vec![0; 64 * 1024],
+            output: vec![0; 256 * 1024],
+        })
+    }
+
+    /// Decodes the frame `frame` yields (all of it, to its end) into a blob
+    /// that must be exactly `raw_length` bytes, handing each decoded piece
+    /// and its offset in the blob to `sink`, in order. Pieces are handed
+    /// over before the blob is complete, so the caller must verify the
+    /// whole (its ID) before trusting what it did with them.
+    pub fn decode(
+        &mut self,
+        frame: &mut dyn std::io::Read,
+        raw_length: u32,
+        sink: &mut dyn FnMut(u64, &[u8]),
+    ) -> Result<(), FrameError> {
+        use zstd::stream::raw::Operation;
+        let invalid = |e: String| FrameError::Invalid(format!("zstd: {e}"));
+        if raw_length > MAX_BLOB {
+            return Err(FrameError::Invalid(format!(
+                "declared blob length {raw_length} is implausible"
+            )));
+        }
+        self.zstd.reinit().map_err(|e| invalid(e.to_string()))?;
+        let mut produced = 0u64;
+        let mut finished = false;
+        let mut emit = |out: &[u8], produced: &mut u64| -> Result<(), FrameError> {
+            if *produced + out.len() as u64 > raw_length as u64 {
+                return Err(FrameError::Invalid(format!(
+                    "decodes to more than the declared {raw_length} bytes"
+                )));
+            }
+            sink(*produced, out);
+            *produced += out.len() as u64;
+            Ok(())
+        };
+        loop {
+            let n = match frame.read(&mut self.input) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(FrameError::Read(e)),
+            };
+            let mut used = 0;
+            while used < n {
+                let status = self
+                    .zstd
+                    .run_on_buffers(&self.input[used..n], &mut self.output)
+                    .map_err(|e| invalid(e.to_string()))?;
+                if status.bytes_read == 0 && status.bytes_written == 0 {
+                    return Err(invalid("no progress decoding the frame".into()));
+                }
+                used += status.bytes_read;
+                emit(&self.output[..status.bytes_written], &mut produced)?;
+                finished = status.remaining == 0;
+            }
+        }
+        // Flush what the decoder still holds after the last input.
+        while !finished {
+            let status = self
+                .zstd
+                .run_on_buffers(&[], &mut self.output)
+                .map_err(|e| invalid(e.to_string()))?;
+            emit(&self.output[..status.bytes_written], &mut produced)?;
+            finished = status.remaining == 0;
+            if status.bytes_written == 0 && !finished {
+                return Err(invalid("the frame is truncated".into()));
+            }
+        }
+        if produced != raw_length as u64 {
+            return Err(FrameError::Invalid(format!(
+                "decoded {produced} bytes, expected {raw_length}"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Accumulates blob frames into one pack's plaintext.

@@ -256,6 +256,34 @@ impl SalvagedPack {
     }
 }
 
+/// A pack read front to back by [`Repository::open_pack_stream`]: its
+/// ciphertext, checked against its name, and a stream over it that
+/// authenticates each 64 KiB segment as it is read. Frames are read out
+/// one at a time, so reading a pack costs its ciphertext, not a second
+/// copy as plaintext.
+pub struct PackStream {
+    reader: crate::crypto::AgeStream,
+}
+
+impl std::fmt::Debug for PackStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackStream").finish_non_exhaustive()
+    }
+}
+
+impl PackStream {
+    /// A reader of the frame at `offset..offset+length` of the plaintext.
+    /// Reading fails when a segment it touches fails authentication (or
+    /// ends early when the pack is shorter); the caller then salvages the
+    /// pack ([`Repository::read_pack_salvage`]). Reading frames in
+    /// ascending offsets decrypts each segment once.
+    pub fn frame(&mut self, offset: u32, length: u32) -> std::io::Result<impl std::io::Read + '_> {
+        use std::io::{Read, Seek, SeekFrom};
+        self.reader.seek(SeekFrom::Start(offset as u64))?;
+        Ok((&mut self.reader).take(length as u64))
+    }
+}
+
 /// How many times an object whose bytes do not match is read before it
 /// counts as damaged. A transport that truncates one read in thirty (the
 /// fault-injection tests' rate) then fails a read once in 24 million;
@@ -882,6 +910,22 @@ impl Repository {
             ));
         }
         self.master_key("reading packs")?.decrypt(&bytes, &what)
+    }
+
+    /// Opens a pack for reading frame by frame (see [`PackStream`]).
+    /// `Ok(None)` means its bytes do not match its name even after
+    /// re-reading: the caller salvages it with [`Self::read_pack_salvage`].
+    pub fn open_pack_stream(&self, id: &Id) -> Result<Option<PackStream>> {
+        let key = self.master_key("reading packs")?;
+        let what = || format!("pack {}", id.short());
+        let (bytes, intact) = self.get_named(&pack_key(id), id, &what)?;
+        if !intact {
+            return Ok(None);
+        }
+        Ok(key
+            .decrypt_stream(bytes, &what)
+            .ok()
+            .map(|reader| PackStream { reader }))
     }
 
     /// Reads a pack, salvaging what it can when it is damaged. Returns the

@@ -30,8 +30,9 @@ use crate::error::{Error, Result};
 use crate::fsmeta;
 use crate::id::Id;
 use crate::index::{BlobLocation, Index};
-use crate::pack::decode_blob;
+use crate::pack::{FrameDecoder, FrameError};
 use crate::repo::Repository;
+use crate::repo::{PackStream, SalvagedPack};
 use crate::tree::{Node, NodeKind};
 
 /// What to restore and how.
@@ -189,7 +190,11 @@ fn plan(
     filter: &Filter,
     failures: &mut Vec<RestoreFailure>,
 ) -> Result<Vec<Entry>> {
-    let mut all: Vec<(Entry, bool)> = Vec::new();
+    let mut all: Vec<Entry> = Vec::new();
+    // Whether each entry matched the include patterns (only kept when
+    // there are some): a separate vector, so that without includes `all`
+    // is returned as it is instead of being copied into a second one.
+    let mut chosen: Vec<bool> = Vec::new();
     // Prefixes of excluded or included directories; entries below inherit.
     let mut excluded_dirs: Vec<Vec<u8>> = Vec::new();
     let mut included_dirs: Vec<Vec<u8>> = Vec::new();
@@ -224,23 +229,23 @@ fn plan(
             if selected && node.kind == NodeKind::Dir && filter.include.is_some() {
                 included_dirs.push(path.to_vec());
             }
-            all.push((
-                Entry {
-                    snap_path: path.to_vec(),
-                    node: node.clone(),
-                },
-                selected,
-            ));
+            all.push(Entry {
+                snap_path: path.to_vec(),
+                node: node.clone(),
+            });
+            if filter.include.is_some() {
+                chosen.push(selected);
+            }
             Ok(())
         },
         &mut on_error,
     )?;
     if filter.include.is_none() {
-        return Ok(all.into_iter().map(|(e, _)| e).collect());
+        return Ok(all);
     }
     // Keep the ancestors of selected entries so they have somewhere to go.
     let mut needed: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
-    for (e, sel) in &all {
+    for (e, sel) in all.iter().zip(&chosen) {
         if *sel {
             let mut p = e.snap_path.as_slice();
             while let Some(pos) = p.iter().rposition(|&b| b == b'/') {
@@ -253,6 +258,7 @@ fn plan(
     }
     Ok(all
         .into_iter()
+        .zip(chosen)
         .filter(|(e, sel)| *sel || needed.contains(&e.snap_path))
         .map(|(e, _)| e)
         .collect())
@@ -272,12 +278,19 @@ type PackPlan = HashMap<Id, (BlobLocation, Vec<(usize, u64)>)>;
 
 struct FileJob {
     entry: usize,
-    temp: PathBuf,
     remaining: AtomicUsize,
     failed: Mutex<Option<String>>,
     /// Whether the temporary file exists yet: it is created by whichever
     /// worker brings the first blob, so a one-blob file costs one open.
     created: Mutex<bool>,
+}
+
+/// Where a restore thread reads one pack's frames from.
+enum PackSource {
+    /// Front to back, authenticating as it goes (the usual case).
+    Stream(PackStream),
+    /// Decrypted whole with damaged segments zeroed, or why it could not be.
+    Salvaged(Result<SalvagedPack>),
 }
 
 /// Restores a snapshot's tree into `opts.target`.
@@ -400,10 +413,8 @@ pub fn restore(
         if opts.dry_run {
             continue;
         }
-        let temp = temp_path(&path);
         jobs.push(FileJob {
             entry: i,
-            temp,
             remaining: AtomicUsize::new(e.node.content.len()),
             failed: Mutex::new(None),
             created: Mutex::new(false),
@@ -455,7 +466,9 @@ pub fn restore(
         if !*created {
             o.create(true).truncate(true).mode(0o600);
         }
-        let f = o.open(&job.temp)?;
+        // The temporary name is derived again rather than stored: a path
+        // per file held for the whole restore was a tenth of its memory.
+        let f = o.open(temp_path(&target.join(entries[job.entry].rel())))?;
         if !*created {
             // Sparse files get their size up front so skipped zeros stay holes.
             let node = &entries[job.entry].node;
@@ -470,8 +483,9 @@ pub fn restore(
         let job = &jobs[j];
         let e = &entries[job.entry];
         let path = target.join(e.rel());
+        let temp = temp_path(&path);
         if job.failed.lock().expect("poisoned").is_some() {
-            let _ = std::fs::remove_file(&job.temp);
+            let _ = std::fs::remove_file(&temp);
             return;
         }
         let handle = match handle {
@@ -502,9 +516,9 @@ pub fn restore(
         .map(|(what, err)| format!("{}: cannot {what}: {err}", e.display()))
         .collect();
         drop(file);
-        if let Err(err) = std::fs::rename(&job.temp, &path) {
+        if let Err(err) = std::fs::rename(&temp, &path) {
             *job.failed.lock().expect("poisoned") = Some(format!("cannot move into place: {err}"));
-            let _ = std::fs::remove_file(&job.temp);
+            let _ = std::fs::remove_file(&temp);
         }
         warnings.lock().expect("poisoned").extend(w);
     };
@@ -537,78 +551,144 @@ pub fn restore(
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         for _ in 0..crate::parallel::pack_threads(repo.backend()) {
-            s.spawn(|| loop {
-                if stop.load(Ordering::Relaxed)
-                    || opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
-                {
-                    break;
-                }
-                let Some((pack_pos, blobs)) = packs.lock().expect("poisoned").pop() else {
-                    break;
-                };
-                let pack = index.pack(pack_pos);
-                let fetch_start = std::time::Instant::now();
-                let pack_data = repo.read_pack_salvage(&pack.id);
-                add_ns(&fetch_ns, fetch_start);
-                let mut files: HashMap<usize, File> = HashMap::new();
-                for (id, (loc, targets)) in blobs {
-                    let decode_start = std::time::Instant::now();
-                    let data = match &pack_data {
-                        Err(e) => Err(e.to_string()),
-                        Ok(p) => p
-                            .frame(loc.offset, loc.length)
-                            .ok_or_else(|| "it lies in a damaged part of the pack".to_string())
-                            .and_then(|frame| decode_blob(frame, loc.raw_length))
-                            .and_then(|d| {
-                                if repo.ids().blob_id(&d) == id {
-                                    Ok(d)
+            s.spawn(|| {
+                // One decoder and hasher per thread, reused for every blob.
+                let mut decoder = FrameDecoder::new().ok();
+                let mut hasher = repo.ids().blob_hasher();
+                loop {
+                    if stop.load(Ordering::Relaxed)
+                        || opts
+                            .cancel
+                            .as_ref()
+                            .is_some_and(|c| c.load(Ordering::Relaxed))
+                    {
+                        break;
+                    }
+                    let Some((pack_pos, blobs)) = packs.lock().expect("poisoned").pop() else {
+                        break;
+                    };
+                    let pack = index.pack(pack_pos);
+                    let fetch_start = std::time::Instant::now();
+                    // Read front to back, one frame at a time; a pack whose bytes
+                    // or segments fail is salvaged whole instead.
+                    let mut source = match repo.open_pack_stream(&pack.id) {
+                        Ok(Some(stream)) => PackSource::Stream(stream),
+                        Ok(None) => PackSource::Salvaged(repo.read_pack_salvage(&pack.id)),
+                        Err(e) => PackSource::Salvaged(Err(e)),
+                    };
+                    add_ns(&fetch_ns, fetch_start);
+                    let mut files: HashMap<usize, File> = HashMap::new();
+                    let mut blobs: Vec<_> = blobs.into_iter().collect();
+                    blobs.sort_unstable_by_key(|(_, (loc, _))| loc.offset);
+                    for (id, (loc, targets)) in blobs {
+                        let blob_start = std::time::Instant::now();
+                        let mut write_time = std::time::Duration::ZERO;
+                        let mut written: u64;
+                        let mut write_errors: Vec<(usize, String)> = Vec::new();
+                        // Each decoded piece is hashed and written to every place
+                        // the blob goes; the hash decides at the end whether those
+                        // writes stand (a file that got a bad blob is removed).
+                        let outcome = loop {
+                            hasher.reset();
+                            written = 0;
+                            write_errors.clear();
+                            let mut sink = |at: u64, piece: &[u8]| {
+                                hasher.update(piece);
+                                let start = std::time::Instant::now();
+                                for &(j, offset) in &targets {
+                                    let job = &jobs[j];
+                                    let file = match files.entry(j) {
+                                        std::collections::hash_map::Entry::Occupied(o) => {
+                                            Ok(o.into_mut())
+                                        }
+                                        std::collections::hash_map::Entry::Vacant(v) => {
+                                            open_temp(job).map(|f| v.insert(f))
+                                        }
+                                    };
+                                    let sparse = entries[job.entry].node.sparse;
+                                    match file
+                                        .and_then(|f| write_blob(f, piece, offset + at, sparse))
+                                    {
+                                        Ok(n) => written += n,
+                                        Err(e) => {
+                                            write_errors.push((j, format!("write failed: {e}")))
+                                        }
+                                    }
+                                }
+                                write_time += start.elapsed();
+                            };
+                            let result = match (&mut source, decoder.as_mut()) {
+                                (_, None) => {
+                                    Err(FrameError::Invalid("cannot create a zstd decoder".into()))
+                                }
+                                (PackSource::Stream(stream), Some(d)) => {
+                                    match stream.frame(loc.offset, loc.length) {
+                                        Ok(mut frame) => {
+                                            d.decode(&mut frame, loc.raw_length, &mut sink)
+                                        }
+                                        Err(e) => Err(FrameError::Read(e)),
+                                    }
+                                }
+                                (PackSource::Salvaged(Ok(p)), Some(d)) => {
+                                    match p.frame(loc.offset, loc.length) {
+                                        Some(mut frame) => {
+                                            d.decode(&mut frame, loc.raw_length, &mut sink)
+                                        }
+                                        None => Err(FrameError::Invalid(
+                                            "it lies in a damaged part of the pack".into(),
+                                        )),
+                                    }
+                                }
+                                (PackSource::Salvaged(Err(e)), _) => {
+                                    Err(FrameError::Invalid(e.to_string()))
+                                }
+                            };
+                            if matches!(result, Err(FrameError::Read(_)))
+                                && matches!(source, PackSource::Stream(_))
+                            {
+                                // A segment failed: salvage the pack and decode
+                                // this blob again from what survives.
+                                source = PackSource::Salvaged(repo.read_pack_salvage(&pack.id));
+                                continue;
+                            }
+                            break result.map_err(|e| e.to_string()).and_then(|()| {
+                                if Id(*hasher.finalize().as_bytes()) == id {
+                                    Ok(())
                                 } else {
                                     Err("content does not match its ID".to_string())
                                 }
-                            })
-                            .map_err(|e| {
-                                format!(
-                                    "blob {} in pack {} is corrupt ({e}); run `lifeboat check --read-data`",
-                                    id.short(),
-                                    pack.id.short()
-                                )
-                            }),
-                    };
-                    add_ns(&decode_ns, decode_start);
-                    let write_start = std::time::Instant::now();
-                    for (j, offset) in targets {
-                        match &data {
-                            Err(reason) => fail(j, reason.clone()),
-                            Ok(d) => {
-                                let job = &jobs[j];
-                                let file = match files.entry(j) {
-                                    std::collections::hash_map::Entry::Occupied(o) => {
-                                        Ok(o.into_mut())
-                                    }
-                                    std::collections::hash_map::Entry::Vacant(v) => {
-                                        open_temp(job).map(|f| v.insert(f))
-                                    }
-                                };
-                                let sparse = entries[job.entry].node.sparse;
-                                let res = file.and_then(|f| write_blob(f, d, offset, sparse));
-                                match res {
-                                    Ok(n) => {
-                                        bytes_written.fetch_add(n, Ordering::Relaxed);
-                                    }
-                                    Err(e) => fail(j, format!("write failed: {e}")),
-                                }
-                            }
-                        }
-                        // The last blob's writer finalizes the file through
-                        // its open handle.
-                        let handle = if jobs[j].remaining.load(Ordering::Acquire) == 1 {
-                            files.remove(&j)
-                        } else {
-                            None
+                            });
                         };
-                        blob_done(j, handle);
+                        bytes_written.fetch_add(written, Ordering::Relaxed);
+                        write_ns.fetch_add(write_time.as_nanos() as u64, Ordering::Relaxed);
+                        decode_ns.fetch_add(
+                            (blob_start.elapsed().saturating_sub(write_time)).as_nanos() as u64,
+                            Ordering::Relaxed,
+                        );
+                        for (j, reason) in write_errors.drain(..) {
+                            fail(j, reason);
+                        }
+                        let corrupt = outcome.err().map(|e| {
+                            format!(
+                            "blob {} in pack {} is corrupt ({e}); run `lifeboat check --read-data`",
+                            id.short(),
+                            pack.id.short()
+                        )
+                        });
+                        for (j, _) in targets {
+                            if let Some(reason) = &corrupt {
+                                fail(j, reason.clone());
+                            }
+                            // The last blob's writer finalizes the file through
+                            // its open handle.
+                            let handle = if jobs[j].remaining.load(Ordering::Acquire) == 1 {
+                                files.remove(&j)
+                            } else {
+                                None
+                            };
+                            blob_done(j, handle);
+                        }
                     }
-                    add_ns(&write_ns, write_start);
                 }
             });
         }
