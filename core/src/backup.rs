@@ -336,39 +336,68 @@ fn worker(
         if shared.failed() {
             continue;
         }
-        frame.clear();
-        encoder.encode_into(&job.data, &mut frame);
-        shared.blobs_added.fetch_add(1, Ordering::Relaxed);
-        shared
-            .raw_added
-            .fetch_add(job.data.len() as u64, Ordering::Relaxed);
-        shared
-            .stored_added
-            .fetch_add(frame.len() as u64, Ordering::Relaxed);
-        let full = {
-            let mut packers = shared.packers.lock().expect("packers poisoned");
-            // Data packs fill up at once; tree packs are often small, so they
-            // grow as needed instead of reserving a whole pack up front.
-            let capacity = match job.kind {
-                BlobKind::Data => pack_size + pack_size / 8,
-                BlobKind::Tree => 256 * 1024,
-            };
-            let pb = packers
-                .entry(job.kind)
-                .or_insert_with(|| PackBuilder::new(job.kind, capacity));
-            pb.add(job.id, job.data.len() as u32, &frame);
-            if pb.len() >= pack_size {
-                packers.remove(&job.kind)
-            } else {
-                None
-            }
+        pack_blob(shared, &mut encoder, &mut frame, job, pack_size, progress);
+    }
+}
+
+/// Compresses one blob, appends it to the open pack of its kind, and
+/// seals and hands over the pack when it is full. Failures go to the
+/// error slot.
+fn pack_blob(
+    shared: &Shared<'_>,
+    encoder: &mut BlobEncoder,
+    frame: &mut Vec<u8>,
+    job: Job,
+    pack_size: usize,
+    progress: &Progress,
+) {
+    frame.clear();
+    encoder.encode_into(&job.data, frame);
+    shared.blobs_added.fetch_add(1, Ordering::Relaxed);
+    shared
+        .raw_added
+        .fetch_add(job.data.len() as u64, Ordering::Relaxed);
+    shared
+        .stored_added
+        .fetch_add(frame.len() as u64, Ordering::Relaxed);
+    let full = {
+        let mut packers = shared.packers.lock().expect("packers poisoned");
+        // Data packs fill up at once; tree packs are often small, so they
+        // grow as needed instead of reserving a whole pack up front.
+        let capacity = match job.kind {
+            BlobKind::Data => pack_size + pack_size / 8,
+            BlobKind::Tree => 256 * 1024,
         };
-        if let Some(pack) = full {
-            if let Err(e) = shared.flush_pack(pack, progress) {
-                shared.fail(e);
-            }
+        let pb = packers
+            .entry(job.kind)
+            .or_insert_with(|| PackBuilder::new(job.kind, capacity));
+        pb.add(job.id, job.data.len() as u32, frame);
+        if pb.len() >= pack_size {
+            packers.remove(&job.kind)
+        } else {
+            None
+        }
+    };
+    if let Some(pack) = full {
+        if let Err(e) = shared.flush_pack(pack, progress) {
+            shared.fail(e);
         }
     }
+}
+
+/// Blobs up to this size (every file below the chunker's minimum, and
+/// trees) are compressed by the thread that produced them instead of going
+/// through the compression workers: for the many small files of a typical
+/// tree, the hand-over cost more (two context switches per file) than the
+/// compression itself. Chunks of larger files still go to the workers, so
+/// one big file is compressed on every core.
+const INLINE_BLOB_MAX: usize = 512 * 1024;
+
+thread_local! {
+    /// The encoder (with its zstd level) and frame buffer of a thread that
+    /// compresses small blobs itself.
+    static INLINE_ENCODER: std::cell::RefCell<Option<(i32, BlobEncoder, Vec<u8>)>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// Compiled exclude patterns.
@@ -420,6 +449,9 @@ struct Storer<'a, 'r> {
     shared: &'a Shared<'r>,
     progress: &'a Progress,
     seed: u64,
+    /// zstd level and pack size, for blobs compressed inline.
+    level: i32,
+    pack_size: usize,
 }
 
 impl Storer<'_, '_> {
@@ -446,6 +478,28 @@ impl Storer<'_, '_> {
         }
         if !self.seen.lock().expect("poisoned").insert(id) {
             return Ok(());
+        }
+        if data.len() <= INLINE_BLOB_MAX {
+            INLINE_ENCODER.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                if slot
+                    .as_ref()
+                    .is_none_or(|(level, _, _)| *level != self.level)
+                {
+                    *slot = Some((self.level, BlobEncoder::new(self.level), Vec::new()));
+                }
+                let (_, encoder, frame) = slot.as_mut().expect("just set");
+                let job = Job { id, kind, data };
+                pack_blob(
+                    self.shared,
+                    encoder,
+                    frame,
+                    job,
+                    self.pack_size,
+                    self.progress,
+                );
+            });
+            return self.check_workers();
         }
         let tx = self.tx.lock().expect("poisoned").clone();
         match tx {
@@ -1038,6 +1092,8 @@ fn run(
         shared: &shared,
         progress,
         seed: chunker_seed(repo.ids()),
+        level,
+        pack_size,
     };
     let mut walker = Walker {
         storer: &storer,

@@ -97,12 +97,25 @@ impl BlobEncoder {
     pub fn encode_into(&mut self, data: &[u8], out: &mut Vec<u8>) {
         if let Some(compressor) = &mut self.compressor {
             let bound = zstd::zstd_safe::compress_bound(data.len());
-            self.buf.clear();
-            self.buf.reserve(bound);
-            if let Ok(n) = compressor.compress_to_buffer(data, &mut self.buf) {
-                if n < data.len() - data.len() / 32 {
-                    out.extend_from_slice(&self.buf);
-                    return;
+            let worth_it = data.len() - data.len() / 32;
+            if out.is_empty() {
+                // The usual case (one frame per buffer): compress straight
+                // into `out`, so no second blob-sized buffer is kept.
+                out.reserve_exact(bound);
+                if let Ok(n) = compressor.compress_to_buffer(data, out) {
+                    if n < worth_it {
+                        return;
+                    }
+                }
+                out.clear();
+            } else {
+                self.buf.clear();
+                self.buf.reserve_exact(bound);
+                if let Ok(n) = compressor.compress_to_buffer(data, &mut self.buf) {
+                    if n < worth_it {
+                        out.extend_from_slice(&self.buf);
+                        return;
+                    }
                 }
             }
         }

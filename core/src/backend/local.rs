@@ -7,6 +7,12 @@
 //! between processes), the temporary name is removed and the directory is
 //! fsynced so the new entry survives power loss. Newly created directories
 //! are fsynced into their parent the same way.
+//!
+//! Objects of 1 MiB and more (packs) are written and read with `O_DIRECT`
+//! where the file system allows it (falling back to the page cache where
+//! it does not): a backup's packs are not read again soon, so caching
+//! them only evicts the server's own working set, and copying them into
+//! and out of the page cache was a tenth of a backup's CPU time.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -18,6 +24,121 @@ use super::{validate_key, Backend, BackendError, ObjectInfo, PutOutcome};
 /// Temporary files of in-progress puts start with this; `list` skips them
 /// and `prune` removes stale ones.
 pub(crate) const TEMP_PREFIX: &str = ".lbtmp-";
+
+/// Objects at least this large bypass the page cache (see the module docs).
+const DIRECT_MIN: usize = 1 << 20;
+/// Alignment `O_DIRECT` wants of buffers, lengths and offsets.
+const DIRECT_ALIGN: usize = 4096;
+/// Size of the aligned bounce buffer a direct write copies through.
+const DIRECT_STEP: usize = 1 << 20;
+
+thread_local! {
+    /// Each writing thread's bounce buffer for direct writes.
+    static BOUNCE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Turns `O_DIRECT` on or off for an open file.
+fn set_direct(file: &File, on: bool) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a valid open descriptor with integer arguments.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let flags = if on {
+        flags | libc::O_DIRECT
+    } else {
+        flags & !libc::O_DIRECT
+    };
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The `len` bytes of `buf` that start at an `O_DIRECT`-aligned address.
+fn aligned(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buf.len() < len + DIRECT_ALIGN {
+        buf.resize(len + DIRECT_ALIGN, 0);
+    }
+    let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+    &mut buf[start..start + len]
+}
+
+/// Writes `data` to the start of a new, empty file: large data through an
+/// aligned bounce buffer with `O_DIRECT` (its unaligned tail through the
+/// page cache), the rest, or all of it where direct I/O fails, as usual.
+fn write_new_file(file: &mut File, data: &[u8]) -> io::Result<()> {
+    if data.len() < DIRECT_MIN || set_direct(file, true).is_err() {
+        return file.write_all(data);
+    }
+    let whole = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+    let direct = BOUNCE.with(|bounce| -> io::Result<()> {
+        let mut bounce = bounce.borrow_mut();
+        for piece in data[..whole].chunks(DIRECT_STEP) {
+            let buf = aligned(&mut bounce, piece.len());
+            buf.copy_from_slice(piece);
+            // A short direct write would leave the next one unaligned; it
+            // counts as a failure and the whole file is rewritten below.
+            if file.write(buf)? != buf.len() {
+                return Err(io::Error::other("short direct write"));
+            }
+        }
+        Ok(())
+    });
+    set_direct(file, false)?;
+    match direct {
+        Ok(()) => file.write_all(&data[whole..]),
+        Err(_) => {
+            // Some file systems accept the flag and refuse the writes.
+            file.set_len(0)?;
+            file.seek(SeekFrom::Start(0))?;
+            file.write_all(data)
+        }
+    }
+}
+
+/// Reads a whole file of `len` bytes: a large one with `O_DIRECT` into an
+/// aligned part of the returned vector, the rest, or all of it where direct
+/// I/O fails, as usual.
+fn read_whole_file(file: &mut File, len: usize) -> io::Result<Vec<u8>> {
+    if len >= DIRECT_MIN && set_direct(file, true).is_ok() {
+        let padded = len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+        // Room for one more block, so a file that grew is noticed.
+        let mut buf = Vec::new();
+        let region = aligned(&mut buf, padded + DIRECT_ALIGN);
+        let mut filled = 0;
+        let read_ok = loop {
+            match file.read(&mut region[filled..]) {
+                Ok(0) => break true,
+                Ok(n) => {
+                    filled += n;
+                    // A short read is the end of the file (the next offset
+                    // would be unaligned); a full region means it grew.
+                    if filled % DIRECT_ALIGN != 0 || filled == region.len() {
+                        break true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break false,
+            }
+        };
+        let start = region.as_ptr() as usize - buf.as_ptr() as usize;
+        set_direct(file, false)?;
+        if read_ok && filled == len {
+            buf.copy_within(start..start + len, 0);
+            buf.truncate(len);
+            return Ok(buf);
+        }
+        // A short or failed direct read: read it again through the cache.
+        file.seek(SeekFrom::Start(0))?;
+    }
+    let mut buf = Vec::with_capacity(len);
+    file.read_to_end(&mut buf)?;
+    Ok(buf)
+}
 
 /// A [`Backend`] storing each object as a file under a root directory.
 #[derive(Debug, Clone)]
@@ -183,7 +304,7 @@ impl Backend for LocalBackend {
         ));
         let result = (|| -> io::Result<PutOutcome> {
             let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-            file.write_all(data)?;
+            write_new_file(&mut file, data)?;
             file.sync_all()?;
             drop(file);
             let outcome = match fs::hard_link(&tmp, &path) {
@@ -207,10 +328,8 @@ impl Backend for LocalBackend {
         let mut file = File::open(self.path(key)).map_err(err)?;
         match range {
             None => {
-                let mut buf =
-                    Vec::with_capacity(file.metadata().map(|m| m.len()).unwrap_or(0) as usize);
-                file.read_to_end(&mut buf).map_err(err)?;
-                Ok(buf)
+                let len = file.metadata().map(|m| m.len()).unwrap_or(0) as usize;
+                read_whole_file(&mut file, len).map_err(err)
             }
             Some(r) => {
                 let len = file.metadata().map_err(err)?.len();
