@@ -483,7 +483,9 @@ def main():
     ap.add_argument("--scratch", type=Path, default=Path("/work/bench-scratch"),
                     help="work directory, emptied at the start (default /work/bench-scratch)")
     ap.add_argument("--timeout", type=float, default=1800, help="per-step timeout in seconds")
-    ap.add_argument("--settle", type=float, default=35, help="seconds between deleting old scratch and the first step")
+    ap.add_argument("--settle", type=float, default=60,
+                    help="seconds between deleting old scratch and the first step (ext4 without a journal "
+                         "scans inodes deleted in the last 30-55 s on every file it creates)")
     ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of " + ",".join(TOOLS))
     ap.add_argument("--lifeboat", type=Path, default=REPO_ROOT / "target" / "release" / "lifeboat",
                     help="lifeboat binary (default target/release/lifeboat)")
