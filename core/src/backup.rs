@@ -323,20 +323,14 @@ struct Job {
     data: Vec<u8>,
 }
 
-fn worker(
-    shared: &Shared<'_>,
-    rx: Receiver<Job>,
-    level: i32,
-    pack_size: usize,
-    progress: &Progress,
-) {
-    let mut encoder = BlobEncoder::new(level);
+fn worker(shared: &Shared<'_>, rx: Receiver<Job>, progress: &Progress) {
+    let mut encoder = BlobEncoder::new(shared.repo.config().compression);
     let mut frame = Vec::new();
     for job in rx {
         if shared.failed() {
             continue;
         }
-        pack_blob(shared, &mut encoder, &mut frame, job, pack_size, progress);
+        pack_blob(shared, &mut encoder, &mut frame, job, progress);
     }
 }
 
@@ -348,9 +342,9 @@ fn pack_blob(
     encoder: &mut BlobEncoder,
     frame: &mut Vec<u8>,
     job: Job,
-    pack_size: usize,
     progress: &Progress,
 ) {
+    let pack_size = shared.repo.config().pack_size as usize;
     frame.clear();
     encoder.encode_into(&job.data, frame);
     shared.blobs_added.fetch_add(1, Ordering::Relaxed);
@@ -385,8 +379,8 @@ fn pack_blob(
     }
 }
 
-/// Blobs up to this size (every file below the chunker's minimum, and
-/// trees) are compressed by the thread that produced them instead of going
+/// Blobs up to this size (every file below the default chunker minimum,
+/// and trees) are compressed by the thread that produced them instead of going
 /// through the compression workers: for the many small files of a typical
 /// tree, the hand-over cost more (two context switches per file) than the
 /// compression itself. Chunks of larger files still go to the workers, so
@@ -449,9 +443,6 @@ struct Storer<'a, 'r> {
     shared: &'a Shared<'r>,
     progress: &'a Progress,
     seed: u64,
-    /// zstd level and pack size, for blobs compressed inline.
-    level: i32,
-    pack_size: usize,
 }
 
 impl Storer<'_, '_> {
@@ -480,24 +471,15 @@ impl Storer<'_, '_> {
             return Ok(());
         }
         if data.len() <= INLINE_BLOB_MAX {
+            let level = self.repo.config().compression;
             INLINE_ENCODER.with(|cell| {
                 let mut slot = cell.borrow_mut();
-                if slot
-                    .as_ref()
-                    .is_none_or(|(level, _, _)| *level != self.level)
-                {
-                    *slot = Some((self.level, BlobEncoder::new(self.level), Vec::new()));
+                if slot.as_ref().is_none_or(|(l, _, _)| *l != level) {
+                    *slot = Some((level, BlobEncoder::new(level), Vec::new()));
                 }
                 let (_, encoder, frame) = slot.as_mut().expect("just set");
                 let job = Job { id, kind, data };
-                pack_blob(
-                    self.shared,
-                    encoder,
-                    frame,
-                    job,
-                    self.pack_size,
-                    self.progress,
-                );
+                pack_blob(self.shared, encoder, frame, job, self.progress);
             });
             return self.check_workers();
         }
@@ -1081,8 +1063,6 @@ fn run(
     let workers = crate::parallel::worker_count();
     let (tx, rx) = bounded::<Job>(workers);
     let (files_tx, files_rx) = bounded::<FileJob>(workers * 4);
-    let level = repo.config().compression;
-    let pack_size = repo.config().pack_size as usize;
     let storer = Storer {
         repo,
         index: &index,
@@ -1092,8 +1072,6 @@ fn run(
         shared: &shared,
         progress,
         seed: chunker_seed(repo.ids()),
-        level,
-        pack_size,
     };
     let mut walker = Walker {
         storer: &storer,
@@ -1123,7 +1101,7 @@ fn run(
             .map(|_| {
                 let rx = rx.clone();
                 let shared = &shared;
-                s.spawn(move || worker(shared, rx, level, pack_size, progress))
+                s.spawn(move || worker(shared, rx, progress))
             })
             .collect();
         drop(rx);

@@ -220,9 +220,7 @@ impl MasterKey {
     /// Decrypts an age file encrypted to this repository. `what` names the
     /// object in the error if it fails.
     pub fn decrypt(&self, ciphertext: &[u8], what: &dyn Fn() -> String) -> Result<Vec<u8>> {
-        age_decrypt(&self.identity, ciphertext, what, |object| {
-            Error::corrupt(object, "not encrypted to this repository's key")
-        })
+        age_decrypt(&self.identity, ciphertext, what, not_for_this_repository)
     }
 
     /// Opens an age file encrypted to this repository as a stream that
@@ -234,16 +232,12 @@ impl MasterKey {
         ciphertext: Vec<u8>,
         what: &dyn Fn() -> String,
     ) -> Result<AgeStream> {
-        let decryptor = age::Decryptor::new_buffered(std::io::Cursor::new(ciphertext))
-            .map_err(|e| Error::corrupt(what(), format!("not an age file: {e}")))?;
-        decryptor
-            .decrypt(std::iter::once(&self.identity as &dyn age::Identity))
-            .map_err(|e| match e {
-                age::DecryptError::NoMatchingKeys => {
-                    Error::corrupt(what(), "not encrypted to this repository's key")
-                }
-                e => Error::corrupt(what(), format!("cannot decrypt: {e}")),
-            })
+        age_open(
+            &self.identity,
+            std::io::Cursor::new(ciphertext),
+            what,
+            not_for_this_repository,
+        )
     }
 
     /// Decrypts what can be decrypted of a damaged age file. age
@@ -408,6 +402,29 @@ impl MasterKey {
     }
 }
 
+/// The error for an object a full key cannot open.
+fn not_for_this_repository(object: String) -> Error {
+    Error::corrupt(object, "not encrypted to this repository's key")
+}
+
+/// Opens an age file with one X25519 identity as a decrypting stream.
+/// `not_for_us` makes the error for a file that is not encrypted to it.
+fn age_open<R: std::io::BufRead>(
+    identity: &age::x25519::Identity,
+    input: R,
+    what: &dyn Fn() -> String,
+    not_for_us: fn(String) -> Error,
+) -> Result<age::stream::StreamReader<R>> {
+    let decryptor = age::Decryptor::new_buffered(input)
+        .map_err(|e| Error::corrupt(what(), format!("not an age file: {e}")))?;
+    decryptor
+        .decrypt(std::iter::once(identity as &dyn age::Identity))
+        .map_err(|e| match e {
+            age::DecryptError::NoMatchingKeys => not_for_us(what()),
+            e => Error::corrupt(what(), format!("cannot decrypt: {e}")),
+        })
+}
+
 /// Decrypts an age file with one X25519 identity.
 /// `not_for_us` makes the error for a file that is not encrypted to it.
 fn age_decrypt(
@@ -416,14 +433,7 @@ fn age_decrypt(
     what: &dyn Fn() -> String,
     not_for_us: fn(String) -> Error,
 ) -> Result<Vec<u8>> {
-    let decryptor = age::Decryptor::new_buffered(ciphertext)
-        .map_err(|e| Error::corrupt(what(), format!("not an age file: {e}")))?;
-    let mut reader = decryptor
-        .decrypt(std::iter::once(identity as &dyn age::Identity))
-        .map_err(|e| match e {
-            age::DecryptError::NoMatchingKeys => not_for_us(what()),
-            e => Error::corrupt(what(), format!("cannot decrypt: {e}")),
-        })?;
+    let mut reader = age_open(identity, ciphertext, what, not_for_us)?;
     let mut out = Vec::with_capacity(ciphertext.len());
     reader
         .read_to_end(&mut out)

@@ -97,26 +97,23 @@ impl BlobEncoder {
     pub fn encode_into(&mut self, data: &[u8], out: &mut Vec<u8>) {
         if let Some(compressor) = &mut self.compressor {
             let bound = zstd::zstd_safe::compress_bound(data.len());
-            let worth_it = data.len() - data.len() / 32;
-            if out.is_empty() {
-                // The usual case (one frame per buffer): compress straight
-                // into `out`, so no second blob-sized buffer is kept.
-                out.reserve_exact(bound);
-                if let Ok(n) = compressor.compress_to_buffer(data, out) {
-                    if n < worth_it {
-                        return;
-                    }
+            // The usual case, one frame per buffer, compresses straight into
+            // `out`, so no second blob-sized buffer is kept.
+            let direct = out.is_empty();
+            let buf = if direct { &mut *out } else { &mut self.buf };
+            buf.clear();
+            buf.reserve_exact(bound);
+            let worth_it = compressor
+                .compress_to_buffer(data, buf)
+                .is_ok_and(|n| n < data.len() - data.len() / 32);
+            if worth_it {
+                if !direct {
+                    out.extend_from_slice(&self.buf);
                 }
+                return;
+            }
+            if direct {
                 out.clear();
-            } else {
-                self.buf.clear();
-                self.buf.reserve_exact(bound);
-                if let Ok(n) = compressor.compress_to_buffer(data, &mut self.buf) {
-                    if n < worth_it {
-                        out.extend_from_slice(&self.buf);
-                        return;
-                    }
-                }
             }
         }
         raw_frame(data, out);
@@ -155,29 +152,19 @@ thread_local! {
 
 /// Decodes one blob frame whose plaintext is `raw_length` bytes.
 pub fn decode_blob(frame: &[u8], raw_length: u32) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    decode_blob_into(frame, raw_length, &mut out)?;
-    Ok(out)
-}
-
-/// [`decode_blob`] into `out` (replacing its content), so a loop over many
-/// blobs reuses one buffer instead of allocating each.
-pub fn decode_blob_into(frame: &[u8], raw_length: u32, out: &mut Vec<u8>) -> Result<(), String> {
     if raw_length > MAX_BLOB {
         return Err(format!("declared blob length {raw_length} is implausible"));
     }
-    out.clear();
-    out.reserve_exact(raw_length as usize);
+    let mut out = Vec::with_capacity(raw_length as usize);
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
             *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?);
         }
         let d = slot.as_mut().expect("just set");
-        // Decompression stops at the buffer's capacity (at most the largest
-        // blob this buffer held), and a frame that lies about its content
-        // fails the length check below.
-        d.decompress_to_buffer(frame, out)
+        // A frame may not be larger than its declared content: the buffer
+        // has exactly `raw_length` bytes, so a lying frame fails here.
+        d.decompress_to_buffer(frame, &mut out)
             .map_err(|e| format!("zstd: {e}"))
     })?;
     if out.len() != raw_length as usize {
@@ -186,7 +173,7 @@ pub fn decode_blob_into(frame: &[u8], raw_length: u32, out: &mut Vec<u8>) -> Res
             out.len()
         ));
     }
-    Ok(())
+    Ok(out)
 }
 
 /// Why [`FrameDecoder::decode`] failed.

@@ -256,7 +256,7 @@ impl SalvagedPack {
     }
 }
 
-/// A pack read front to back by [`Repository::open_pack_stream`]: its
+/// A pack read front to back by [`Repository::open_pack`]: its
 /// ciphertext, checked against its name, and a stream over it that
 /// authenticates each 64 KiB segment as it is read. Frames are read out
 /// one at a time, so reading a pack costs its ciphertext, not a second
@@ -282,6 +282,36 @@ impl PackStream {
         self.reader.seek(SeekFrom::Start(offset as u64))?;
         Ok((&mut self.reader).take(length as u64))
     }
+}
+
+/// A pack opened by [`Repository::open_pack`].
+#[derive(Debug)]
+pub enum PackRead {
+    /// Intact: read it frame by frame.
+    Stream(PackStream),
+    /// Damaged: what of it could be decrypted.
+    Salvaged(SalvagedPack),
+}
+
+/// Decrypts what can be decrypted of a damaged pack's bytes.
+fn salvage(
+    key: &crate::crypto::MasterKey,
+    bytes: &[u8],
+    id: &Id,
+    what: &dyn Fn() -> String,
+) -> Result<SalvagedPack> {
+    let (plain, bad) = key
+        .decrypt_salvage(bytes)
+        .map_err(|e| Error::corrupt(what(), format!("checksum mismatch and {e}")))?;
+    Ok(SalvagedPack {
+        damage: Some(format!(
+            "pack {} is corrupt (checksum mismatch; {} of its 64 KiB segments fail authentication)",
+            id.short(),
+            bad.len()
+        )),
+        plain,
+        bad,
+    })
 }
 
 /// How many times an object whose bytes do not match is read before it
@@ -912,20 +942,19 @@ impl Repository {
         self.master_key("reading packs")?.decrypt(&bytes, &what)
     }
 
-    /// Opens a pack for reading frame by frame (see [`PackStream`]).
-    /// `Ok(None)` means its bytes do not match its name even after
-    /// re-reading: the caller salvages it with [`Self::read_pack_salvage`].
-    pub fn open_pack_stream(&self, id: &Id) -> Result<Option<PackStream>> {
+    /// Opens a pack for reading frame by frame (see [`PackStream`]). A
+    /// pack whose bytes do not match its name even after re-reading is
+    /// salvaged from those bytes instead, as [`Self::read_pack_salvage`]
+    /// does, without fetching it again.
+    pub fn open_pack(&self, id: &Id) -> Result<PackRead> {
         let key = self.master_key("reading packs")?;
         let what = || format!("pack {}", id.short());
         let (bytes, intact) = self.get_named(&pack_key(id), id, &what)?;
-        if !intact {
-            return Ok(None);
+        if intact {
+            let reader = key.decrypt_stream(bytes, &what)?;
+            return Ok(PackRead::Stream(PackStream { reader }));
         }
-        Ok(key
-            .decrypt_stream(bytes, &what)
-            .ok()
-            .map(|reader| PackStream { reader }))
+        salvage(key, &bytes, id, &what).map(PackRead::Salvaged)
     }
 
     /// Reads a pack, salvaging what it can when it is damaged. Returns the
@@ -945,18 +974,7 @@ impl Repository {
                 });
             }
         }
-        let (plain, bad) = key
-            .decrypt_salvage(&bytes)
-            .map_err(|e| Error::corrupt(what(), format!("checksum mismatch and {e}")))?;
-        Ok(SalvagedPack {
-            damage: Some(format!(
-                "pack {} is corrupt (checksum mismatch; {} of its 64 KiB segments fail authentication)",
-                id.short(),
-                bad.len()
-            )),
-            plain,
-            bad,
-        })
+        salvage(key, &bytes, id, &what)
     }
 
     /// Reads one blob, verifying it against its ID. Packs are cached, so

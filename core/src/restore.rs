@@ -32,7 +32,7 @@ use crate::id::Id;
 use crate::index::{BlobLocation, Index};
 use crate::pack::{FrameDecoder, FrameError};
 use crate::repo::Repository;
-use crate::repo::{PackStream, SalvagedPack};
+use crate::repo::{PackRead, PackStream, SalvagedPack};
 use crate::tree::{Node, NodeKind};
 
 /// What to restore and how.
@@ -571,9 +571,9 @@ pub fn restore(
                     let fetch_start = std::time::Instant::now();
                     // Read front to back, one frame at a time; a pack whose bytes
                     // or segments fail is salvaged whole instead.
-                    let mut source = match repo.open_pack_stream(&pack.id) {
-                        Ok(Some(stream)) => PackSource::Stream(stream),
-                        Ok(None) => PackSource::Salvaged(repo.read_pack_salvage(&pack.id)),
+                    let mut source = match repo.open_pack(&pack.id) {
+                        Ok(PackRead::Stream(stream)) => PackSource::Stream(stream),
+                        Ok(PackRead::Salvaged(salvaged)) => PackSource::Salvaged(Ok(salvaged)),
                         Err(e) => PackSource::Salvaged(Err(e)),
                     };
                     add_ns(&fetch_ns, fetch_start);

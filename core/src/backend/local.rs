@@ -58,13 +58,13 @@ fn set_direct(file: &File, on: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// The `len` bytes of `buf` that start at an `O_DIRECT`-aligned address.
-fn aligned(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+/// Grows `buf` to hold `len` bytes starting at an `O_DIRECT`-aligned
+/// address; returns where they start.
+fn aligned(buf: &mut Vec<u8>, len: usize) -> usize {
     if buf.len() < len + DIRECT_ALIGN {
         buf.resize(len + DIRECT_ALIGN, 0);
     }
-    let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
-    &mut buf[start..start + len]
+    buf.as_ptr().align_offset(DIRECT_ALIGN)
 }
 
 /// Writes `data` to the start of a new, empty file: large data through an
@@ -78,7 +78,8 @@ fn write_new_file(file: &mut File, data: &[u8]) -> io::Result<()> {
     let direct = BOUNCE.with(|bounce| -> io::Result<()> {
         let mut bounce = bounce.borrow_mut();
         for piece in data[..whole].chunks(DIRECT_STEP) {
-            let buf = aligned(&mut bounce, piece.len());
+            let start = aligned(&mut bounce, piece.len());
+            let buf = &mut bounce[start..start + piece.len()];
             buf.copy_from_slice(piece);
             // A short direct write would leave the next one unaligned; it
             // counts as a failure and the whole file is rewritten below.
@@ -108,7 +109,8 @@ fn read_whole_file(file: &mut File, len: usize) -> io::Result<Vec<u8>> {
         let padded = len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
         // Room for one more block, so a file that grew is noticed.
         let mut buf = Vec::new();
-        let region = aligned(&mut buf, padded + DIRECT_ALIGN);
+        let start = aligned(&mut buf, padded + DIRECT_ALIGN);
+        let region = &mut buf[start..start + padded + DIRECT_ALIGN];
         let mut filled = 0;
         let read_ok = loop {
             match file.read(&mut region[filled..]) {
@@ -125,7 +127,6 @@ fn read_whole_file(file: &mut File, len: usize) -> io::Result<Vec<u8>> {
                 Err(_) => break false,
             }
         };
-        let start = region.as_ptr() as usize - buf.as_ptr() as usize;
         set_direct(file, false)?;
         if read_ok && filled == len {
             buf.copy_within(start..start + len, 0);
