@@ -422,6 +422,12 @@ pub struct RestoreArgs {
     /// Replace existing files that differ from the snapshot.
     #[arg(long)]
     pub overwrite: bool,
+    /// Entries planned and written at a time. Restore memory is a few
+    /// batches, whatever the snapshot's size; a larger batch rereads fewer
+    /// packs whose blobs straddle batches.
+    #[arg(long, value_name = "ENTRIES", default_value_t = lifeboat_core::restore::DEFAULT_BATCH as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch: u32,
 }
 
 /// `dump`.

@@ -574,6 +574,7 @@ fn restore(g: &Global, a: &RestoreArgs) -> Result<u8> {
         verify: a.verify,
         overwrite: a.overwrite,
         cancel: None,
+        batch: a.batch as usize,
     };
     let start = std::time::Instant::now();
     let report = lifeboat_core::restore::restore(&repo, &snap.tree, &opts)?;

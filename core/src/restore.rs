@@ -1,17 +1,23 @@
 //! The restore engine.
 //!
-//! Plan, then act in an order that keeps a hostile snapshot inside the
-//! target: every name was validated when its tree was parsed (no `/`, `.`,
-//! `..` or NUL); all directories are created first, as real directories;
-//! file data is written to a temporary name with `O_NOFOLLOW` and renamed
-//! into place only when complete and carrying its metadata; symlinks are
-//! created last, so no path we write through can be one. An existing entry
-//! that differs from the snapshot is left alone unless `overwrite` is set.
+//! The snapshot is walked once, parents before children, and restored in
+//! batches of entries, so memory stays the same whatever the snapshot's
+//! size. The order keeps a hostile snapshot inside the target: every name
+//! was validated when its tree was parsed (no `/`, `.`, `..` or NUL, and
+//! unique within its directory); directories are created as real
+//! directories when the walk meets them; file data is written to a
+//! temporary name with `O_NOFOLLOW` and renamed into place only when
+//! complete and carrying its metadata; a batch's symlinks are created after
+//! its data, and since names are unique no later path lies below one. A
+//! directory gets its metadata once everything below it is written. An
+//! existing entry that differs from the snapshot is left alone unless
+//! `overwrite` is set.
 //!
-//! Data is read pack by pack on one thread per core: each pack is fetched
-//! and decrypted once, and every blob in it is written to every place it
-//! occurs. A file whose blobs cannot be read is reported and removed; the
-//! other files still restore. Files appear under their final names only
+//! Data is read pack by pack on one thread per core while the walk goes
+//! on: each pack is fetched and decrypted once for the batches in flight,
+//! and every blob in it is written to every place they need it. A file
+//! whose blobs cannot be read is reported and removed; the other files
+//! still restore. Files appear under their final names only
 //! when complete, so a second run after an interruption finds them, checks
 //! each by hashing it against the snapshot (size and mtime alone are not
 //! trusted), skips those that match and rewrites only what is missing.
@@ -22,7 +28,7 @@ use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{mpsc, Arc, Mutex};
 
 use serde::Serialize;
 
@@ -53,7 +59,25 @@ pub struct RestoreOptions {
     /// Set it to stop the restore between packs; it then returns
     /// [`Error::Interrupted`] (drills use this for their time limit).
     pub cancel: Option<std::sync::Arc<AtomicBool>>,
+    /// Entries planned and written at a time (0 means [`DEFAULT_BATCH`]).
+    /// A restore holds a few batches, so its memory does not grow with the
+    /// snapshot; a larger batch rereads fewer packs whose blobs straddle
+    /// batches.
+    pub batch: usize,
 }
+
+/// Entries a restore plans and writes at a time, unless told otherwise.
+pub const DEFAULT_BATCH: usize = 4096;
+
+/// Blob references that also end a batch (a few very large files).
+const BATCH_BLOBS: usize = 1 << 16;
+
+/// Open files a pack worker keeps for the next blob of the same file.
+const MAX_OPEN_FILES: usize = 64;
+
+/// Batches handed to the pack workers and not yet completed, besides the
+/// newest: enough that the workers do not wait for the walk.
+const MAX_IN_FLIGHT: usize = 2;
 
 /// One entry that could not be restored.
 #[derive(Debug, Clone, Serialize)]
@@ -182,86 +206,34 @@ impl Filter {
     }
 }
 
-/// Walks the snapshot and selects entries, parents before children.
-fn plan(
-    repo: &Repository,
-    index: &Index,
-    root: &Id,
-    filter: &Filter,
-    failures: &mut Vec<RestoreFailure>,
-) -> Result<Vec<Entry>> {
-    let mut all: Vec<Entry> = Vec::new();
-    // Whether each entry matched the include patterns (only kept when
-    // there are some): a separate vector, so that without includes `all`
-    // is returned as it is instead of being copied into a second one.
-    let mut chosen: Vec<bool> = Vec::new();
-    // Prefixes of excluded or included directories; entries below inherit.
-    let mut excluded_dirs: Vec<Vec<u8>> = Vec::new();
-    let mut included_dirs: Vec<Vec<u8>> = Vec::new();
-    let under = |dirs: &[Vec<u8>], p: &[u8]| {
-        dirs.iter()
-            .any(|d| p.len() > d.len() && p.starts_with(d) && p[d.len()] == b'/')
-    };
-    let mut on_error = |dir: &[u8], e: Error| {
-        failures.push(RestoreFailure {
-            path: String::from_utf8_lossy(dir).into_owned(),
-            reason: format!("directory listing unreadable, nothing below it restored: {e}"),
-        })
-    };
-    crate::walk::walk_tolerant(
-        repo,
-        index,
-        root,
-        &mut |path, node| {
-            if under(&excluded_dirs, path) {
-                return Ok(());
-            }
-            if filter.excluded(path, &node.name.0) {
-                if node.kind == NodeKind::Dir {
-                    excluded_dirs.push(path.to_vec());
-                }
-                return Ok(());
-            }
-            let selected = match &filter.include {
-                None => true,
-                Some(set) => under(&included_dirs, path) || set.is_match(fsmeta::os(path)),
-            };
-            if selected && node.kind == NodeKind::Dir && filter.include.is_some() {
-                included_dirs.push(path.to_vec());
-            }
-            all.push(Entry {
-                snap_path: path.to_vec(),
-                node: node.clone(),
-            });
-            if filter.include.is_some() {
-                chosen.push(selected);
-            }
-            Ok(())
-        },
-        &mut on_error,
-    )?;
-    if filter.include.is_none() {
-        return Ok(all);
+/// Whether `p` lies strictly below the directory `dir` (both snapshot paths).
+fn is_below(dir: &[u8], p: &[u8]) -> bool {
+    p.len() > dir.len() && p.starts_with(dir) && p[dir.len()] == b'/'
+}
+
+/// Drops the directories the walk has left: each stack holds directories
+/// on the path to the walk's position, outermost first.
+fn leave(stack: &mut Vec<Vec<u8>>, p: &[u8]) {
+    while stack.last().is_some_and(|d| !is_below(d, p)) {
+        stack.pop();
     }
-    // Keep the ancestors of selected entries so they have somewhere to go.
-    let mut needed: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
-    for (e, sel) in all.iter().zip(&chosen) {
-        if *sel {
-            let mut p = e.snap_path.as_slice();
-            while let Some(pos) = p.iter().rposition(|&b| b == b'/') {
-                p = &p[..pos];
-                if p.is_empty() || !needed.insert(p.to_vec()) {
-                    break;
-                }
-            }
-        }
+}
+
+/// A restored file that later names may be hard links to.
+struct LinkTarget {
+    snap_path: Vec<u8>,
+    /// Digest of its blob IDs: only a name with the same content is linked.
+    content: blake3::Hash,
+    /// Whether it was restored or found intact; `None` until its batch is written.
+    restored: Option<bool>,
+}
+
+fn content_digest(content: &[Id]) -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    for id in content {
+        h.update(&id.0);
     }
-    Ok(all
-        .into_iter()
-        .zip(chosen)
-        .filter(|(e, sel)| *sel || needed.contains(&e.snap_path))
-        .map(|(e, _)| e)
-        .collect())
+    h.finalize()
 }
 
 /// Name of the temporary file a file is written to before it is complete.
@@ -285,181 +257,28 @@ struct FileJob {
     created: Mutex<bool>,
 }
 
-/// Where a restore thread reads one pack's frames from.
-enum PackSource {
-    /// Front to back, authenticating as it goes (the usual case).
-    Stream(PackStream),
-    /// Decrypted whole with damaged segments zeroed, or why it could not be.
-    Salvaged(Result<SalvagedPack>),
+/// A batch's files, shared by the walking thread and the pack workers.
+struct Batch<'a> {
+    opts: &'a RestoreOptions,
+    is_root: bool,
+    entries: Vec<Entry>,
+    jobs: Vec<FileJob>,
+    /// Packs not yet written; the batch's data is complete at zero.
+    packs_left: AtomicUsize,
+    bytes_written: AtomicU64,
+    warnings: Mutex<Vec<String>>,
 }
 
-/// Restores a snapshot's tree into `opts.target`.
-pub fn restore(
-    repo: &Repository,
-    snapshot_tree: &Id,
-    opts: &RestoreOptions,
-) -> Result<RestoreReport> {
-    repo.require_full_key("restore")?;
-    let clock = std::time::Instant::now();
-    let index = repo.load_index()?;
-    let filter = Filter::new(opts)?;
-    let mut report = RestoreReport::default();
-    let entries = plan(repo, &index, snapshot_tree, &filter, &mut report.failures)?;
-    report.timings.plan_secs = clock.elapsed().as_secs_f64();
-    let data_clock = std::time::Instant::now();
-    let fetch_ns = AtomicU64::new(0);
-    let decode_ns = AtomicU64::new(0);
-    let write_ns = AtomicU64::new(0);
-    let add_ns = |counter: &AtomicU64, since: std::time::Instant| {
-        counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    };
-    repo.clear_pack_cache();
-    let target = &opts.target;
-    if !opts.dry_run {
-        std::fs::create_dir_all(target).map_err(|e| Error::io(target, e))?;
-    }
-    let is_root = fsmeta::euid() == 0;
-    // Directories whose subtree is blocked by a conflicting non-directory.
-    let mut blocked: Vec<Vec<u8>> = Vec::new();
-    let is_blocked = |blocked: &[Vec<u8>], p: &[u8]| {
-        blocked
-            .iter()
-            .any(|d| p.starts_with(d) && (p.len() == d.len() || p[d.len()] == b'/'))
-    };
-
-    // Phase 1: directories, as real directories, parents first.
-    for e in entries.iter().filter(|e| e.node.kind == NodeKind::Dir) {
-        if is_blocked(&blocked, &e.snap_path) {
-            continue;
-        }
-        report.dirs += 1;
-        if opts.dry_run {
-            continue;
-        }
-        let path = target.join(e.rel());
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) if opts.overwrite => {
-                std::fs::remove_file(&path).map_err(|err| Error::io(&path, err))?;
-                std::fs::create_dir(&path).map_err(|err| Error::io(&path, err))?;
-            }
-            Ok(_) => {
-                report.conflicts.push(e.display());
-                blocked.push(e.snap_path.clone());
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir(&path).map_err(|err| Error::io(&path, err))?;
-                // Owner-writable while we fill it; final mode comes last.
-                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700));
-            }
-            Err(err) => return Err(Error::io(&path, err)),
-        }
+impl Batch<'_> {
+    fn final_path(&self, j: usize) -> PathBuf {
+        self.opts
+            .target
+            .join(self.entries[self.jobs[j].entry].rel())
     }
 
-    // Phase 2: decide what each regular file needs.
-    let mut jobs: Vec<FileJob> = Vec::new();
-    let mut primary: HashMap<(u64, u64), usize> = HashMap::new();
-    let mut secondary: Vec<(usize, usize)> = Vec::new();
-    let mut done_files: Vec<usize> = Vec::new();
-    for (i, e) in entries.iter().enumerate() {
-        if e.node.kind != NodeKind::File || is_blocked(&blocked, &e.snap_path) {
-            continue;
-        }
-        if let Some(key) = e.node.hardlink {
-            if let Some(&first) = primary.get(&key) {
-                if entries[first].node.content == e.node.content {
-                    secondary.push((i, first));
-                    continue;
-                }
-            }
-            primary.insert(key, i);
-        }
-        report.bytes_total += e.node.size;
-        let path = target.join(e.rel());
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.is_file() && m.len() == e.node.size => {
-                let same_time =
-                    m.mtime() == e.node.mtime && m.mtime_nsec() == e.node.mtime_nsec as i64;
-                // Same size: read and hash it. Trusting size and mtime alone
-                // would keep a file whose bytes changed behind them.
-                if file_matches(repo, &index, &path, &e.node).unwrap_or(false) {
-                    report.files_unchanged += 1;
-                    done_files.push(i);
-                    if !same_time && !opts.dry_run {
-                        apply_meta(&path, &e.node, is_root, &mut report.warnings);
-                    }
-                    continue;
-                }
-                if !opts.overwrite {
-                    report.conflicts.push(e.display());
-                    continue;
-                }
-            }
-            Ok(m) if m.is_dir() => {
-                report
-                    .conflicts
-                    .push(format!("{} (a directory is in the way)", e.display()));
-                continue;
-            }
-            Ok(_) if !opts.overwrite => {
-                report.conflicts.push(e.display());
-                continue;
-            }
-            Ok(_) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => return Err(Error::io(&path, err)),
-        }
-        report.files_restored += 1;
-        if opts.dry_run {
-            continue;
-        }
-        jobs.push(FileJob {
-            entry: i,
-            remaining: AtomicUsize::new(e.node.content.len()),
-            failed: Mutex::new(None),
-            created: Mutex::new(false),
-        });
-    }
-    if opts.dry_run {
-        report.others = entries
-            .iter()
-            .filter(|e| !matches!(e.node.kind, NodeKind::Dir | NodeKind::File))
-            .count() as u64
-            + secondary.len() as u64;
-        return Ok(report);
-    }
-
-    // Phase 3: data, pack by pack.
-    let mut by_pack: HashMap<u32, PackPlan> = HashMap::new();
-    // (job, missing blob, how many of the file's blobs were not placed).
-    let mut missing: Vec<(usize, Id, usize)> = Vec::new();
-    for (j, job) in jobs.iter().enumerate() {
-        let mut offset = 0u64;
-        let content = &entries[job.entry].node.content;
-        for (i, id) in content.iter().enumerate() {
-            match index.get(id) {
-                Some((_, loc)) => {
-                    by_pack
-                        .entry(loc.pack)
-                        .or_default()
-                        .entry(*id)
-                        .or_insert_with(|| (loc, Vec::new()))
-                        .1
-                        .push((j, offset));
-                    offset += loc.raw_length as u64;
-                }
-                None => {
-                    missing.push((j, *id, content.len() - i));
-                    // Without the blob we do not know its length; the file fails anyway.
-                    break;
-                }
-            }
-        }
-    }
-    let bytes_written = AtomicU64::new(0);
-    let warnings = Mutex::new(Vec::new());
-    // Opens a job's temporary file, creating it on first use.
-    let open_temp = |job: &FileJob| -> std::io::Result<File> {
+    /// Opens a job's temporary file, creating it on first use.
+    fn open_temp(&self, j: usize) -> std::io::Result<File> {
+        let job = &self.jobs[j];
         let mut created = job.created.lock().expect("poisoned");
         let mut o = OpenOptions::new();
         o.write(true).custom_flags(libc::O_NOFOLLOW);
@@ -467,35 +286,34 @@ pub fn restore(
             o.create(true).truncate(true).mode(0o600);
         }
         // The temporary name is derived again rather than stored: a path
-        // per file held for the whole restore was a tenth of its memory.
-        let f = o.open(temp_path(&target.join(entries[job.entry].rel())))?;
+        // per file held for the whole batch was a tenth of its memory.
+        let f = o.open(temp_path(&self.final_path(j)))?;
         if !*created {
             // Sparse files get their size up front so skipped zeros stay holes.
-            let node = &entries[job.entry].node;
+            let node = &self.entries[job.entry].node;
             if node.sparse {
                 f.set_len(node.size)?;
             }
             *created = true;
         }
         Ok(f)
-    };
-    let finalize = |j: usize, handle: Option<File>| {
-        let job = &jobs[j];
-        let e = &entries[job.entry];
-        let path = target.join(e.rel());
+    }
+
+    /// Gives a complete file its metadata and moves it into place, or
+    /// removes it if any of its blobs failed.
+    fn finalize(&self, j: usize, handle: Option<File>) {
+        let job = &self.jobs[j];
+        let e = &self.entries[job.entry];
+        let path = self.final_path(j);
         let temp = temp_path(&path);
         if job.failed.lock().expect("poisoned").is_some() {
             let _ = std::fs::remove_file(&temp);
             return;
         }
-        let handle = match handle {
-            Some(f) => Ok(f),
-            None => open_temp(job),
-        };
-        let file = match handle {
+        let file = match handle.map_or_else(|| self.open_temp(j), Ok) {
             Ok(f) => f,
             Err(err) => {
-                *job.failed.lock().expect("poisoned") = Some(format!("cannot create: {err}"));
+                self.fail(j, format!("cannot create: {err}"));
                 return;
             }
         };
@@ -507,7 +325,7 @@ pub fn restore(
             .collect();
         let w: Vec<String> = fsmeta::apply_to_fd(
             &file,
-            is_root.then_some((e.node.uid, e.node.gid)),
+            self.is_root.then_some((e.node.uid, e.node.gid)),
             e.node.mode & 0o7777,
             &xattrs,
             (e.node.mtime, e.node.mtime_nsec),
@@ -517,268 +335,648 @@ pub fn restore(
         .collect();
         drop(file);
         if let Err(err) = std::fs::rename(&temp, &path) {
-            *job.failed.lock().expect("poisoned") = Some(format!("cannot move into place: {err}"));
+            self.fail(j, format!("cannot move into place: {err}"));
             let _ = std::fs::remove_file(&temp);
         }
-        warnings.lock().expect("poisoned").extend(w);
-    };
-    let fail = |j: usize, reason: String| {
-        let mut slot = jobs[j].failed.lock().expect("poisoned");
+        self.warnings.lock().expect("poisoned").extend(w);
+    }
+
+    /// Marks a file failed (the first reason stands).
+    fn fail(&self, j: usize, reason: String) {
+        let mut slot = self.jobs[j].failed.lock().expect("poisoned");
         if slot.is_none() {
             *slot = Some(reason);
         }
-    };
-    let blob_done = |j: usize, handle: Option<File>| {
-        if jobs[j].remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            finalize(j, handle);
-        }
-    };
-    for &(j, id, unplaced) in &missing {
-        fail(j, format!("blob {} is missing from the index", id.short()));
-        // The blobs never handed to a pack count down here, so the file
-        // still finalizes (as failed) once the placed ones are written.
-        for _ in 0..unplaced {
-            blob_done(j, None);
-        }
     }
-    for (j, job) in jobs.iter().enumerate() {
-        if entries[job.entry].node.content.is_empty() {
-            job.remaining.store(1, Ordering::Release);
-            blob_done(j, None);
-        }
-    }
-    let packs: Mutex<Vec<(u32, PackPlan)>> = Mutex::new(by_pack.into_iter().collect());
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        for _ in 0..crate::parallel::pack_threads(repo.backend()) {
-            s.spawn(|| {
-                // One decoder and hasher per thread, reused for every blob.
-                let mut decoder = FrameDecoder::new().ok();
-                let mut hasher = repo.ids().blob_hasher();
-                loop {
-                    if stop.load(Ordering::Relaxed)
-                        || opts
-                            .cancel
-                            .as_ref()
-                            .is_some_and(|c| c.load(Ordering::Relaxed))
-                    {
-                        break;
-                    }
-                    let Some((pack_pos, blobs)) = packs.lock().expect("poisoned").pop() else {
-                        break;
-                    };
-                    let pack = index.pack(pack_pos);
-                    let fetch_start = std::time::Instant::now();
-                    // Read front to back, one frame at a time; a pack whose bytes
-                    // or segments fail is salvaged whole instead.
-                    let mut source = match repo.open_pack(&pack.id) {
-                        Ok(PackRead::Stream(stream)) => PackSource::Stream(stream),
-                        Ok(PackRead::Salvaged(salvaged)) => PackSource::Salvaged(Ok(salvaged)),
-                        Err(e) => PackSource::Salvaged(Err(e)),
-                    };
-                    add_ns(&fetch_ns, fetch_start);
-                    let mut files: HashMap<usize, File> = HashMap::new();
-                    let mut blobs: Vec<_> = blobs.into_iter().collect();
-                    blobs.sort_unstable_by_key(|(_, (loc, _))| loc.offset);
-                    for (id, (loc, targets)) in blobs {
-                        let blob_start = std::time::Instant::now();
-                        let mut write_time = std::time::Duration::ZERO;
-                        let mut written: u64;
-                        let mut write_errors: Vec<(usize, String)> = Vec::new();
-                        // Each decoded piece is hashed and written to every place
-                        // the blob goes; the hash decides at the end whether those
-                        // writes stand (a file that got a bad blob is removed).
-                        let outcome = loop {
-                            hasher.reset();
-                            written = 0;
-                            write_errors.clear();
-                            let mut sink = |at: u64, piece: &[u8]| {
-                                hasher.update(piece);
-                                let start = std::time::Instant::now();
-                                for &(j, offset) in &targets {
-                                    let job = &jobs[j];
-                                    let file = match files.entry(j) {
-                                        std::collections::hash_map::Entry::Occupied(o) => {
-                                            Ok(o.into_mut())
-                                        }
-                                        std::collections::hash_map::Entry::Vacant(v) => {
-                                            open_temp(job).map(|f| v.insert(f))
-                                        }
-                                    };
-                                    let sparse = entries[job.entry].node.sparse;
-                                    match file
-                                        .and_then(|f| write_blob(f, piece, offset + at, sparse))
-                                    {
-                                        Ok(n) => written += n,
-                                        Err(e) => {
-                                            write_errors.push((j, format!("write failed: {e}")))
-                                        }
-                                    }
-                                }
-                                write_time += start.elapsed();
-                            };
-                            let result = match (&mut source, decoder.as_mut()) {
-                                (_, None) => {
-                                    Err(FrameError::Invalid("cannot create a zstd decoder".into()))
-                                }
-                                (PackSource::Stream(stream), Some(d)) => {
-                                    match stream.frame(loc.offset, loc.length) {
-                                        Ok(mut frame) => {
-                                            d.decode(&mut frame, loc.raw_length, &mut sink)
-                                        }
-                                        Err(e) => Err(FrameError::Read(e)),
-                                    }
-                                }
-                                (PackSource::Salvaged(Ok(p)), Some(d)) => {
-                                    match p.frame(loc.offset, loc.length) {
-                                        Some(mut frame) => {
-                                            d.decode(&mut frame, loc.raw_length, &mut sink)
-                                        }
-                                        None => Err(FrameError::Invalid(
-                                            "it lies in a damaged part of the pack".into(),
-                                        )),
-                                    }
-                                }
-                                (PackSource::Salvaged(Err(e)), _) => {
-                                    Err(FrameError::Invalid(e.to_string()))
-                                }
-                            };
-                            if matches!(result, Err(FrameError::Read(_)))
-                                && matches!(source, PackSource::Stream(_))
-                            {
-                                // A segment failed: salvage the pack and decode
-                                // this blob again from what survives.
-                                source = PackSource::Salvaged(repo.read_pack_salvage(&pack.id));
-                                continue;
-                            }
-                            break result.map_err(|e| e.to_string()).and_then(|()| {
-                                if Id(*hasher.finalize().as_bytes()) == id {
-                                    Ok(())
-                                } else {
-                                    Err("content does not match its ID".to_string())
-                                }
-                            });
-                        };
-                        bytes_written.fetch_add(written, Ordering::Relaxed);
-                        write_ns.fetch_add(write_time.as_nanos() as u64, Ordering::Relaxed);
-                        decode_ns.fetch_add(
-                            (blob_start.elapsed().saturating_sub(write_time)).as_nanos() as u64,
-                            Ordering::Relaxed,
-                        );
-                        for (j, reason) in write_errors.drain(..) {
-                            fail(j, reason);
-                        }
-                        let corrupt = outcome.err().map(|e| {
-                            format!(
-                            "blob {} in pack {} is corrupt ({e}); run `lifeboat check --read-data`",
-                            id.short(),
-                            pack.id.short()
-                        )
-                        });
-                        for (j, _) in targets {
-                            if let Some(reason) = &corrupt {
-                                fail(j, reason.clone());
-                            }
-                            // The last blob's writer finalizes the file through
-                            // its open handle.
-                            let handle = if jobs[j].remaining.load(Ordering::Acquire) == 1 {
-                                files.remove(&j)
-                            } else {
-                                None
-                            };
-                            blob_done(j, handle);
-                        }
-                    }
-                }
-            });
-        }
-    });
-    if opts
-        .cancel
-        .as_ref()
-        .is_some_and(|c| c.load(Ordering::Relaxed))
-    {
-        return Err(Error::Interrupted);
-    }
-    report.bytes_written = bytes_written.load(Ordering::Relaxed);
-    report.timings.fetch_thread_secs = fetch_ns.load(Ordering::Relaxed) as f64 / 1e9;
-    report.timings.decode_thread_secs = decode_ns.load(Ordering::Relaxed) as f64 / 1e9;
-    report.timings.write_thread_secs = write_ns.load(Ordering::Relaxed) as f64 / 1e9;
-    report
-        .warnings
-        .extend(warnings.into_inner().expect("poisoned"));
-    let mut ok_files: Vec<usize> = done_files;
-    for job in &jobs {
-        match job.failed.lock().expect("poisoned").take() {
-            Some(reason) => {
-                report.files_restored -= 1;
-                report.failures.push(RestoreFailure {
-                    path: entries[job.entry].display(),
-                    reason,
-                });
-            }
-            None => ok_files.push(job.entry),
-        }
-    }
-    let ok_set: std::collections::HashSet<usize> = ok_files.iter().copied().collect();
 
-    // Phase 4: hard links to files restored above.
-    for (i, first) in secondary {
-        let e = &entries[i];
-        if !ok_set.contains(&first) {
-            report.failures.push(RestoreFailure {
-                path: e.display(),
-                reason: format!(
-                    "its hard-link target {} was not restored",
-                    entries[first].display()
-                ),
-            });
-            continue;
+    /// Counts one of a file's blobs as handled; the last one finalizes it.
+    fn blob_done(&self, j: usize, handle: Option<File>) {
+        if self.jobs[j].remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.finalize(j, handle);
         }
-        let path = target.join(e.rel());
-        let first_path = target.join(entries[first].rel());
-        match (
-            std::fs::symlink_metadata(&path),
-            std::fs::metadata(&first_path),
-        ) {
-            (Ok(a), Ok(b)) if a.ino() == b.ino() && a.dev() == b.dev() => {
-                report.others += 1;
-                continue;
-            }
-            (Ok(_), _) if !opts.overwrite => {
-                report.conflicts.push(e.display());
-                continue;
-            }
-            (Ok(m), _) if m.is_dir() => {
-                report
-                    .conflicts
-                    .push(format!("{} (a directory is in the way)", e.display()));
-                continue;
-            }
-            (Ok(_), _) => {
-                let _ = std::fs::remove_file(&path);
-            }
-            _ => {}
+    }
+}
+
+/// One pack, and what each batch in flight needs from it.
+struct Work<'a> {
+    pack: u32,
+    parts: Parts<'a>,
+}
+
+/// The parts of one pack for the batches that need it.
+type Parts<'a> = Vec<(Arc<Batch<'a>>, PackPlan)>;
+
+/// The pack workers' queue, oldest pack first. A pack that a newer batch
+/// also needs takes that batch's part while it waits, or while a worker
+/// holds it: a worker keeps the last pack it read until it takes another,
+/// and writes late parts from the same bytes. A pack whose blobs straddle
+/// two batches is then usually fetched once.
+struct Queue<'a> {
+    state: Mutex<QueueState<'a>>,
+    ready: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct QueueState<'a> {
+    waiting: std::collections::VecDeque<Work<'a>>,
+    /// Packs a worker holds, with the parts that arrived for them.
+    held: HashMap<u32, Parts<'a>>,
+    closed: bool,
+}
+
+impl<'a> Queue<'a> {
+    fn new() -> Self {
+        Queue {
+            state: Mutex::new(QueueState::default()),
+            ready: std::sync::Condvar::new(),
         }
-        match std::fs::hard_link(&first_path, &path) {
-            Ok(()) => report.others += 1,
-            Err(err) => report.failures.push(RestoreFailure {
-                path: e.display(),
-                reason: format!("cannot create hard link: {err}"),
+    }
+
+    fn push(&self, batch: &Arc<Batch<'a>>, pack: u32, plan: PackPlan) {
+        let mut state = self.state.lock().expect("poisoned");
+        let part = (batch.clone(), plan);
+        if let Some(late) = state.held.get_mut(&pack) {
+            late.push(part);
+            drop(state);
+            // Wake the worker that holds it, whichever it is.
+            self.ready.notify_all();
+            return;
+        }
+        match state.waiting.iter_mut().find(|w| w.pack == pack) {
+            Some(waiting) => waiting.parts.push(part),
+            None => state.waiting.push_back(Work {
+                pack,
+                parts: vec![part],
             }),
         }
+        drop(state);
+        self.ready.notify_one();
     }
 
-    // Phase 5: symlinks, devices and FIFOs, now that no more data is written.
-    for e in entries.iter() {
-        if matches!(
-            e.node.kind,
-            NodeKind::Dir | NodeKind::File | NodeKind::Socket
-        ) || is_blocked(&blocked, &e.snap_path)
-        {
-            continue;
+    /// What a worker that holds `held` does next: the late parts of the
+    /// pack it holds, else the next pack (it then holds that one instead),
+    /// else `None` once the queue is closed and empty.
+    fn next(&self, held: Option<u32>) -> Option<Work<'a>> {
+        let mut state = self.state.lock().expect("poisoned");
+        loop {
+            if let Some(pack) = held {
+                let late = state.held.get_mut(&pack).map(std::mem::take);
+                if let Some(parts) = late.filter(|p| !p.is_empty()) {
+                    return Some(Work { pack, parts });
+                }
+            }
+            if let Some(work) = state.waiting.pop_front() {
+                if let Some(pack) = held {
+                    state.held.remove(&pack);
+                }
+                state.held.insert(work.pack, Vec::new());
+                return Some(work);
+            }
+            if state.closed {
+                return None;
+            }
+            state = self.ready.wait(state).expect("poisoned");
         }
-        let path = target.join(e.rel());
+    }
+
+    fn close(&self) {
+        self.state.lock().expect("poisoned").closed = true;
+        self.ready.notify_all();
+    }
+}
+
+/// Counts a pack of a batch as written when dropped, even by a worker
+/// that skipped it (cancelled) or panicked, so the walking thread never
+/// waits for a pack nobody will write.
+struct PackDone<'b, 'a> {
+    batch: &'b Batch<'a>,
+    done: &'b mpsc::Sender<()>,
+}
+
+impl Drop for PackDone<'_, '_> {
+    fn drop(&mut self) {
+        if self.batch.packs_left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let _ = self.done.send(());
+        }
+    }
+}
+
+/// Thread-seconds the pack workers spent, summed over them.
+#[derive(Default)]
+struct WorkerTime {
+    fetch_ns: AtomicU64,
+    decode_ns: AtomicU64,
+    write_ns: AtomicU64,
+}
+
+/// Where a restore thread reads one pack's frames from.
+enum PackSource {
+    /// Front to back, authenticating as it goes (the usual case).
+    Stream(PackStream),
+    /// Decrypted whole with damaged segments zeroed, or why it could not be.
+    Salvaged(Result<SalvagedPack>),
+}
+
+/// A batch handed to the workers, and what is left to do once its data is
+/// written.
+struct InFlight<'a> {
+    batch: Arc<Batch<'a>>,
+    /// Files other names link to, by their key in `links`.
+    primaries: Vec<(usize, (u64, u64))>,
+    /// Names that are hard links to a file of this batch or an earlier one.
+    secondary: Vec<(usize, (u64, u64))>,
+    /// Files found intact in the target.
+    done_files: Vec<usize>,
+    /// Directories whose last entries are in this batch or an earlier one.
+    closed_dirs: Vec<Entry>,
+}
+
+/// The restore's state while it walks the snapshot. Entries are selected
+/// as the walk meets them and directories are created at once; everything
+/// else is gathered into batches. A full batch is handed to the pack
+/// workers, and the walk goes on while they write it; once its data is
+/// written, its hard links, symlinks and special files are created, its
+/// files verified, and the directories the walk has left get their
+/// metadata. At most two batches are in flight, so memory is a few
+/// batches and one path of directories deep, whatever the snapshot's size.
+struct Restorer<'a, 'q> {
+    repo: &'a Repository,
+    index: &'a Index,
+    opts: &'a RestoreOptions,
+    filter: Filter,
+    is_root: bool,
+    batch_limit: usize,
+    report: RestoreReport,
+    /// Excluded directories above the walk's position.
+    excluded: Vec<Vec<u8>>,
+    /// Directories above the walk's position that matched an include.
+    included: Vec<Vec<u8>>,
+    /// Directories above the walk's position that no include matched; they
+    /// are restored when something below them is.
+    unselected: Vec<Entry>,
+    /// Directories above the walk's position whose place holds a
+    /// conflicting non-directory: nothing below them is restored.
+    blocked: Vec<Vec<u8>>,
+    /// Restored directories above the walk's position; their metadata
+    /// waits until everything below them is written.
+    open_dirs: Vec<Entry>,
+    /// Directories the walk has left, deepest first, since the last batch
+    /// was handed off.
+    closed_dirs: Vec<Entry>,
+    /// Everything but directories, in walk order, not yet handed off.
+    batch: Vec<Entry>,
+    batch_blobs: usize,
+    /// Packs the batch's files read.
+    batch_packs: std::collections::HashSet<u32>,
+    /// Files with other names (by device and inode in the snapshot).
+    links: HashMap<(u64, u64), LinkTarget>,
+    /// The pack workers' queue.
+    queue: &'q Queue<'a>,
+    /// One message each time a batch's last pack is written.
+    done: mpsc::Receiver<()>,
+    in_flight: std::collections::VecDeque<InFlight<'a>>,
+    /// When the first batch was handed off: planning ends there.
+    first_handoff: Option<std::time::Instant>,
+}
+
+impl<'a> Restorer<'a, '_> {
+    fn cancelled(&self) -> bool {
+        self.opts
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+    }
+
+    /// Takes one entry from the walk (parents before children).
+    fn visit(&mut self, path: &[u8], node: &Node) -> Result<()> {
+        leave(&mut self.excluded, path);
+        leave(&mut self.included, path);
+        leave(&mut self.blocked, path);
+        while self
+            .unselected
+            .last()
+            .is_some_and(|d| !is_below(&d.snap_path, path))
+        {
+            self.unselected.pop();
+        }
+        while self
+            .open_dirs
+            .last()
+            .is_some_and(|d| !is_below(&d.snap_path, path))
+        {
+            let dir = self.open_dirs.pop().expect("checked above");
+            self.closed_dirs.push(dir);
+        }
+        if !self.excluded.is_empty() {
+            return Ok(());
+        }
+        if self.filter.excluded(path, &node.name.0) {
+            if node.kind == NodeKind::Dir {
+                self.excluded.push(path.to_vec());
+            }
+            return Ok(());
+        }
+        let entry = || Entry {
+            snap_path: path.to_vec(),
+            node: node.clone(),
+        };
+        if let Some(set) = &self.filter.include {
+            if self.included.is_empty() && !set.is_match(fsmeta::os(path)) {
+                if node.kind == NodeKind::Dir {
+                    self.unselected.push(entry());
+                }
+                return Ok(());
+            }
+            if node.kind == NodeKind::Dir {
+                self.included.push(path.to_vec());
+            }
+            // Selected: its directories need to exist first.
+            for dir in std::mem::take(&mut self.unselected) {
+                self.place_dir(dir)?;
+            }
+        }
+        if node.kind == NodeKind::Dir {
+            return self.place_dir(entry());
+        }
+        if !self.blocked.is_empty() {
+            return Ok(());
+        }
+        // A full batch still takes entries whose data lies in packs it
+        // already reads, up to twice its size: cutting between two files
+        // of one pack would fetch that pack twice.
+        let full = self.batch.len() >= self.batch_limit || self.batch_blobs >= BATCH_BLOBS;
+        let index = self.index;
+        let packs = node.content.iter().filter_map(|id| index.get(id));
+        if full
+            && (self.batch.len() >= 2 * self.batch_limit
+                || self.batch_blobs >= 2 * BATCH_BLOBS
+                || packs
+                    .clone()
+                    .any(|(_, loc)| !self.batch_packs.contains(&loc.pack)))
+        {
+            self.hand_off()?;
+        }
+        self.batch_packs.extend(packs.map(|(_, loc)| loc.pack));
+        self.batch_blobs += node.content.len();
+        self.batch.push(entry());
+        Ok(())
+    }
+
+    /// Creates a directory as a real directory (its metadata comes last).
+    fn place_dir(&mut self, e: Entry) -> Result<()> {
+        if !self.blocked.is_empty() {
+            return Ok(());
+        }
+        self.report.dirs += 1;
+        if self.opts.dry_run {
+            return Ok(());
+        }
+        let path = self.opts.target.join(e.rel());
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) if self.opts.overwrite => {
+                std::fs::remove_file(&path).map_err(|err| Error::io(&path, err))?;
+                std::fs::create_dir(&path).map_err(|err| Error::io(&path, err))?;
+            }
+            Ok(_) => {
+                self.report.conflicts.push(e.display());
+                self.blocked.push(e.snap_path);
+                return Ok(());
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir(&path).map_err(|err| Error::io(&path, err))?;
+                // Owner-writable while we fill it; final mode comes last.
+                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700));
+            }
+            Err(err) => return Err(Error::io(&path, err)),
+        }
+        self.open_dirs.push(e);
+        Ok(())
+    }
+
+    /// Ends the walk: every directory is now complete.
+    fn finish(&mut self) -> Result<()> {
+        while let Some(dir) = self.open_dirs.pop() {
+            self.closed_dirs.push(dir);
+        }
+        self.hand_off()?;
+        while !self.in_flight.is_empty() {
+            self.complete_oldest()?;
+        }
+        Ok(())
+    }
+
+    /// Decides what each file of the batch needs and queues its packs for
+    /// the workers; then, if two batches are in flight, completes the older.
+    fn hand_off(&mut self) -> Result<()> {
+        if self.cancelled() {
+            return Err(Error::Interrupted);
+        }
+        self.first_handoff
+            .get_or_insert_with(std::time::Instant::now);
+        let entries = std::mem::take(&mut self.batch);
+        self.batch_blobs = 0;
+        self.batch_packs.clear();
+        let (opts, target, is_root) = (self.opts, &self.opts.target, self.is_root);
+
+        let mut jobs: Vec<FileJob> = Vec::new();
+        let mut primaries = Vec::new();
+        let mut secondary = Vec::new();
+        let mut done_files: Vec<usize> = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            if e.node.kind != NodeKind::File {
+                continue;
+            }
+            if let Some(key) = e.node.hardlink {
+                let content = content_digest(&e.node.content);
+                if self.links.get(&key).is_some_and(|t| t.content == content) {
+                    secondary.push((i, key));
+                    continue;
+                }
+                self.links.insert(
+                    key,
+                    LinkTarget {
+                        snap_path: e.snap_path.clone(),
+                        content,
+                        restored: None,
+                    },
+                );
+                primaries.push((i, key));
+            }
+            self.report.bytes_total += e.node.size;
+            let path = target.join(e.rel());
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.is_file() && m.len() == e.node.size => {
+                    let same_time =
+                        m.mtime() == e.node.mtime && m.mtime_nsec() == e.node.mtime_nsec as i64;
+                    // Same size: read and hash it. Trusting size and mtime alone
+                    // would keep a file whose bytes changed behind them.
+                    if file_matches(self.repo, self.index, &path, &e.node).unwrap_or(false) {
+                        self.report.files_unchanged += 1;
+                        done_files.push(i);
+                        if !same_time && !opts.dry_run {
+                            apply_meta(&path, &e.node, is_root, &mut self.report.warnings);
+                        }
+                        continue;
+                    }
+                    if !opts.overwrite {
+                        self.report.conflicts.push(e.display());
+                        continue;
+                    }
+                }
+                Ok(m) if m.is_dir() => {
+                    self.report
+                        .conflicts
+                        .push(format!("{} (a directory is in the way)", e.display()));
+                    continue;
+                }
+                Ok(_) if !opts.overwrite => {
+                    self.report.conflicts.push(e.display());
+                    continue;
+                }
+                Ok(_) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => return Err(Error::io(&path, err)),
+            }
+            self.report.files_restored += 1;
+            if opts.dry_run {
+                continue;
+            }
+            jobs.push(FileJob {
+                entry: i,
+                remaining: AtomicUsize::new(e.node.content.len()),
+                failed: Mutex::new(None),
+                created: Mutex::new(false),
+            });
+        }
+        if opts.dry_run {
+            self.report.others += entries
+                .iter()
+                .filter(|e| e.node.kind != NodeKind::File)
+                .count() as u64
+                + secondary.len() as u64;
+            return Ok(());
+        }
+
+        let mut by_pack: HashMap<u32, PackPlan> = HashMap::new();
+        // (job, missing blob, how many of the file's blobs were not placed).
+        let mut missing: Vec<(usize, Id, usize)> = Vec::new();
+        for (j, job) in jobs.iter().enumerate() {
+            let mut offset = 0u64;
+            let content = &entries[job.entry].node.content;
+            for (i, id) in content.iter().enumerate() {
+                match self.index.get(id) {
+                    Some((_, loc)) => {
+                        by_pack
+                            .entry(loc.pack)
+                            .or_default()
+                            .entry(*id)
+                            .or_insert_with(|| (loc, Vec::new()))
+                            .1
+                            .push((j, offset));
+                        offset += loc.raw_length as u64;
+                    }
+                    None => {
+                        missing.push((j, *id, content.len() - i));
+                        // Without the blob we do not know its length; the file fails anyway.
+                        break;
+                    }
+                }
+            }
+        }
+        let batch = Arc::new(Batch {
+            opts,
+            is_root,
+            entries,
+            jobs,
+            packs_left: AtomicUsize::new(by_pack.len()),
+            bytes_written: AtomicU64::new(0),
+            warnings: Mutex::new(Vec::new()),
+        });
+        for &(j, id, unplaced) in &missing {
+            batch.fail(j, format!("blob {} is missing from the index", id.short()));
+            // The blobs never handed to a pack count down here, so the file
+            // still finalizes (as failed) once the placed ones are written.
+            for _ in 0..unplaced {
+                batch.blob_done(j, None);
+            }
+        }
+        for (j, job) in batch.jobs.iter().enumerate() {
+            if batch.entries[job.entry].node.content.is_empty() {
+                job.remaining.store(1, Ordering::Release);
+                batch.blob_done(j, None);
+            }
+        }
+        // Packs in the order of the last file that needs them: the packs
+        // this batch shares with the next hold its last files, so they are
+        // still waiting when the next batch is handed off, and take its
+        // part too.
+        let mut by_pack: Vec<(u32, PackPlan)> = by_pack.into_iter().collect();
+        by_pack.sort_by_cached_key(|(_, plan)| {
+            plan.values()
+                .flat_map(|(_, targets)| targets.iter().map(|&(j, _)| j))
+                .max()
+        });
+        for (pack, plan) in by_pack {
+            self.queue.push(&batch, pack, plan);
+        }
+        self.in_flight.push_back(InFlight {
+            batch,
+            primaries,
+            secondary,
+            done_files,
+            closed_dirs: std::mem::take(&mut self.closed_dirs),
+        });
+        while self.in_flight.len() > MAX_IN_FLIGHT {
+            self.complete_oldest()?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the oldest batch's data, then creates its hard links,
+    /// symlinks and special files, verifies it, and applies the metadata of
+    /// the directories that were left before it was handed off.
+    fn complete_oldest(&mut self) -> Result<()> {
+        let Some(f) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        while f.batch.packs_left.load(Ordering::Acquire) > 0 {
+            if self.done.recv().is_err() {
+                // Every worker is gone: one panicked, and the scope reports it.
+                return Err(Error::Interrupted);
+            }
+        }
+        if self.cancelled() {
+            return Err(Error::Interrupted);
+        }
+        let (opts, target, is_root) = (self.opts, &self.opts.target, self.is_root);
+        let batch = &f.batch;
+        let entries = &batch.entries;
+        self.report.bytes_written += batch.bytes_written.load(Ordering::Relaxed);
+        self.report.warnings.extend(std::mem::take(
+            &mut *batch.warnings.lock().expect("poisoned"),
+        ));
+        let mut ok_files: Vec<usize> = f.done_files;
+        for job in &batch.jobs {
+            match job.failed.lock().expect("poisoned").take() {
+                Some(reason) => {
+                    self.report.files_restored -= 1;
+                    self.report.failures.push(RestoreFailure {
+                        path: entries[job.entry].display(),
+                        reason,
+                    });
+                }
+                None => ok_files.push(job.entry),
+            }
+        }
+        let ok_set: std::collections::HashSet<usize> = ok_files.iter().copied().collect();
+        for (i, key) in f.primaries {
+            if let Some(t) = self.links.get_mut(&key) {
+                if t.snap_path == entries[i].snap_path {
+                    t.restored = Some(ok_set.contains(&i));
+                }
+            }
+        }
+
+        // Hard links to files restored in this batch or an earlier one.
+        for (i, key) in f.secondary {
+            let e = &entries[i];
+            let first = &self.links[&key];
+            if first.restored != Some(true) {
+                self.report.failures.push(RestoreFailure {
+                    path: e.display(),
+                    reason: format!(
+                        "its hard-link target {} was not restored",
+                        String::from_utf8_lossy(&first.snap_path)
+                    ),
+                });
+                continue;
+            }
+            let path = target.join(e.rel());
+            let first_path = target.join(fsmeta::os(&first.snap_path[1..]));
+            match (
+                std::fs::symlink_metadata(&path),
+                std::fs::metadata(&first_path),
+            ) {
+                (Ok(a), Ok(b)) if a.ino() == b.ino() && a.dev() == b.dev() => {
+                    self.report.others += 1;
+                    continue;
+                }
+                (Ok(_), _) if !opts.overwrite => {
+                    self.report.conflicts.push(e.display());
+                    continue;
+                }
+                (Ok(m), _) if m.is_dir() => {
+                    self.report
+                        .conflicts
+                        .push(format!("{} (a directory is in the way)", e.display()));
+                    continue;
+                }
+                (Ok(_), _) => {
+                    let _ = std::fs::remove_file(&path);
+                }
+                _ => {}
+            }
+            match std::fs::hard_link(&first_path, &path) {
+                Ok(()) => self.report.others += 1,
+                Err(err) => self.report.failures.push(RestoreFailure {
+                    path: e.display(),
+                    reason: format!("cannot create hard link: {err}"),
+                }),
+            }
+        }
+
+        // Symlinks, devices and FIFOs, now that this batch writes no more
+        // data. Names are unique in a tree, so no later entry lies below one.
+        for e in entries.iter() {
+            if !matches!(
+                e.node.kind,
+                NodeKind::Dir | NodeKind::File | NodeKind::Socket
+            ) {
+                self.place_special(e);
+            }
+        }
+
+        // Verify file contents against the snapshot.
+        if opts.verify {
+            let verify_clock = std::time::Instant::now();
+            for &i in &ok_files {
+                let e = &entries[i];
+                let path = target.join(e.rel());
+                match file_matches(self.repo, self.index, &path, &e.node) {
+                    Ok(true) => self.report.files_verified += 1,
+                    Ok(false) => self.report.failures.push(RestoreFailure {
+                        path: e.display(),
+                        reason: "verification failed: content differs from the snapshot".into(),
+                    }),
+                    Err(err) => self.report.failures.push(RestoreFailure {
+                        path: e.display(),
+                        reason: format!("verification failed: {err}"),
+                    }),
+                }
+            }
+            self.report.timings.verify_secs += verify_clock.elapsed().as_secs_f64();
+        }
+
+        // Metadata of the directories left behind, deepest first, so writing
+        // into a directory does not change its restored mtime.
+        let finish_clock = std::time::Instant::now();
+        for e in f.closed_dirs {
+            apply_meta(
+                &target.join(e.rel()),
+                &e.node,
+                is_root,
+                &mut self.report.warnings,
+            );
+        }
+        self.report.timings.finish_secs += finish_clock.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Creates one symlink, device or FIFO, unless an equal one is there.
+    fn place_special(&mut self, e: &Entry) {
+        let (opts, report) = (self.opts, &mut self.report);
+        let path = opts.target.join(e.rel());
         if let Ok(m) = std::fs::symlink_metadata(&path) {
             let same = match e.node.kind {
                 NodeKind::Symlink => {
@@ -800,13 +998,13 @@ pub fn restore(
                 _ => false,
             };
             if same {
-                apply_meta(&path, &e.node, is_root, &mut report.warnings);
+                apply_meta(&path, &e.node, self.is_root, &mut report.warnings);
                 report.others += 1;
-                continue;
+                return;
             }
             if !opts.overwrite || m.is_dir() {
                 report.conflicts.push(e.display());
-                continue;
+                return;
             }
             let _ = std::fs::remove_file(&path);
         }
@@ -831,7 +1029,7 @@ pub fn restore(
         };
         match created {
             Ok(()) => {
-                apply_meta(&path, &e.node, is_root, &mut report.warnings);
+                apply_meta(&path, &e.node, self.is_root, &mut report.warnings);
                 report.others += 1;
             }
             Err(err) => report.failures.push(RestoreFailure {
@@ -840,49 +1038,285 @@ pub fn restore(
             }),
         }
     }
+}
 
-    report.timings.data_secs = data_clock.elapsed().as_secs_f64();
-    let finish_clock = std::time::Instant::now();
-    // Phase 6: verify file contents against the snapshot.
-    let verify_clock = std::time::Instant::now();
-    if opts.verify {
-        for &i in &ok_files {
-            let e = &entries[i];
-            let path = target.join(e.rel());
-            match file_matches(repo, &index, &path, &e.node) {
-                Ok(true) => report.files_verified += 1,
-                Ok(false) => report.failures.push(RestoreFailure {
-                    path: e.display(),
-                    reason: "verification failed: content differs from the snapshot".into(),
-                }),
-                Err(err) => report.failures.push(RestoreFailure {
-                    path: e.display(),
-                    reason: format!("verification failed: {err}"),
-                }),
+/// A pack worker: takes packs from the queue until it closes.
+fn pack_worker(
+    repo: &Repository,
+    index: &Index,
+    queue: &Queue<'_>,
+    done: &mpsc::Sender<()>,
+    stop: &AtomicBool,
+    time: &WorkerTime,
+) {
+    // One decoder and hasher per thread, reused for every blob.
+    let mut decoder = FrameDecoder::new().ok();
+    let mut hasher = repo.ids().blob_hasher();
+    // The pack this worker holds, and its bytes.
+    let mut held: Option<(u32, Option<PackSource>)> = None;
+    while let Some(work) = queue.next(held.as_ref().map(|(pack, _)| *pack)) {
+        if held.as_ref().is_none_or(|(pack, _)| *pack != work.pack) {
+            held = Some((work.pack, None));
+        }
+        let source = &mut held.as_mut().expect("set above").1;
+        let (batches, plans): (Vec<_>, Vec<_>) = work.parts.into_iter().unzip();
+        let _counted: Vec<PackDone> = batches
+            .iter()
+            .map(|batch| PackDone { batch, done })
+            .collect();
+        let cancelled = batches[0]
+            .opts
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed));
+        if !stop.load(Ordering::Relaxed) && !cancelled {
+            restore_pack(
+                repo,
+                index,
+                &batches,
+                work.pack,
+                plans,
+                source,
+                &mut decoder,
+                &mut hasher,
+                time,
+            );
+        }
+    }
+}
+
+/// Writes every blob the batches need from one pack to every place it goes
+/// (`plans[i]` is what `batches[i]` needs). The pack is opened into
+/// `source` unless it already was.
+#[allow(clippy::too_many_arguments)]
+fn restore_pack(
+    repo: &Repository,
+    index: &Index,
+    batches: &[Arc<Batch<'_>>],
+    pack_pos: u32,
+    plans: Vec<PackPlan>,
+    source: &mut Option<PackSource>,
+    decoder: &mut Option<FrameDecoder>,
+    hasher: &mut blake3::Hasher,
+    time: &WorkerTime,
+) {
+    let add_ns = |counter: &AtomicU64, since: std::time::Instant| {
+        counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    };
+    let pack = index.pack(pack_pos);
+    let fetch_start = std::time::Instant::now();
+    // Read front to back, one frame at a time; a pack whose bytes
+    // or segments fail is salvaged whole instead.
+    let source = source.get_or_insert_with(|| match repo.open_pack(&pack.id) {
+        Ok(PackRead::Stream(stream)) => PackSource::Stream(stream),
+        Ok(PackRead::Salvaged(salvaged)) => PackSource::Salvaged(Ok(salvaged)),
+        Err(e) => PackSource::Salvaged(Err(e)),
+    });
+    add_ns(&time.fetch_ns, fetch_start);
+    // Each blob once, with every (batch, file job, offset) it goes to.
+    type Places = Vec<(usize, usize, u64)>;
+    let mut blobs: HashMap<Id, (BlobLocation, Places)> = HashMap::new();
+    for (b, plan) in plans.into_iter().enumerate() {
+        for (id, (loc, targets)) in plan {
+            let slot = blobs.entry(id).or_insert_with(|| (loc, Vec::new()));
+            slot.1
+                .extend(targets.into_iter().map(|(j, offset)| (b, j, offset)));
+        }
+    }
+    let mut blobs: Vec<_> = blobs.into_iter().collect();
+    blobs.sort_unstable_by_key(|(_, (loc, _))| loc.offset);
+    let mut files: HashMap<(usize, usize), File> = HashMap::new();
+    let mut written = vec![0u64; batches.len()];
+    for (id, (loc, targets)) in blobs {
+        let blob_start = std::time::Instant::now();
+        let mut write_time = std::time::Duration::ZERO;
+        let mut write_errors: Vec<(usize, usize, String)> = Vec::new();
+        // Each decoded piece is hashed and written to every place
+        // the blob goes; the hash decides at the end whether those
+        // writes stand (a file that got a bad blob is removed).
+        let outcome = loop {
+            hasher.reset();
+            written.fill(0);
+            write_errors.clear();
+            let mut sink = |at: u64, piece: &[u8]| {
+                hasher.update(piece);
+                let start = std::time::Instant::now();
+                for &(b, j, offset) in &targets {
+                    let batch = &batches[b];
+                    // Handles are kept for reuse up to a limit; a blob that
+                    // many files share (copies of one file) would otherwise
+                    // hold one descriptor per copy at once.
+                    let mut transient = None;
+                    let file = if files.len() < MAX_OPEN_FILES || files.contains_key(&(b, j)) {
+                        match files.entry((b, j)) {
+                            std::collections::hash_map::Entry::Occupied(o) => Ok(&*o.into_mut()),
+                            std::collections::hash_map::Entry::Vacant(v) => {
+                                batch.open_temp(j).map(|f| &*v.insert(f))
+                            }
+                        }
+                    } else {
+                        batch.open_temp(j).map(|f| &*transient.insert(f))
+                    };
+                    let sparse = batch.entries[batch.jobs[j].entry].node.sparse;
+                    match file.and_then(|f| write_blob(f, piece, offset + at, sparse)) {
+                        Ok(n) => written[b] += n,
+                        Err(e) => write_errors.push((b, j, format!("write failed: {e}"))),
+                    }
+                }
+                write_time += start.elapsed();
+            };
+            let result = match (&mut *source, decoder.as_mut()) {
+                (_, None) => Err(FrameError::Invalid("cannot create a zstd decoder".into())),
+                (PackSource::Stream(stream), Some(d)) => {
+                    match stream.frame(loc.offset, loc.length) {
+                        Ok(mut frame) => d.decode(&mut frame, loc.raw_length, &mut sink),
+                        Err(e) => Err(FrameError::Read(e)),
+                    }
+                }
+                (PackSource::Salvaged(Ok(p)), Some(d)) => match p.frame(loc.offset, loc.length) {
+                    Some(mut frame) => d.decode(&mut frame, loc.raw_length, &mut sink),
+                    None => Err(FrameError::Invalid(
+                        "it lies in a damaged part of the pack".into(),
+                    )),
+                },
+                (PackSource::Salvaged(Err(e)), _) => Err(FrameError::Invalid(e.to_string())),
+            };
+            if matches!(result, Err(FrameError::Read(_))) && matches!(source, PackSource::Stream(_))
+            {
+                // A segment failed: salvage the pack and decode
+                // this blob again from what survives.
+                *source = PackSource::Salvaged(repo.read_pack_salvage(&pack.id));
+                continue;
             }
+            break result.map_err(|e| e.to_string()).and_then(|()| {
+                if Id(*hasher.finalize().as_bytes()) == id {
+                    Ok(())
+                } else {
+                    Err("content does not match its ID".to_string())
+                }
+            });
+        };
+        for (batch, n) in batches.iter().zip(&written) {
+            batch.bytes_written.fetch_add(*n, Ordering::Relaxed);
         }
-    }
-
-    report.timings.verify_secs = verify_clock.elapsed().as_secs_f64();
-    // Phase 7: directory metadata, deepest first, so writing into a
-    // directory does not change its restored mtime.
-    for e in entries
-        .iter()
-        .rev()
-        .filter(|e| e.node.kind == NodeKind::Dir)
-    {
-        if is_blocked(&blocked, &e.snap_path) {
-            continue;
-        }
-        apply_meta(
-            &target.join(e.rel()),
-            &e.node,
-            is_root,
-            &mut report.warnings,
+        time.write_ns
+            .fetch_add(write_time.as_nanos() as u64, Ordering::Relaxed);
+        time.decode_ns.fetch_add(
+            (blob_start.elapsed().saturating_sub(write_time)).as_nanos() as u64,
+            Ordering::Relaxed,
         );
+        for (b, j, reason) in write_errors.drain(..) {
+            batches[b].fail(j, reason);
+        }
+        let corrupt = outcome.err().map(|e| {
+            format!(
+                "blob {} in pack {} is corrupt ({e}); run `lifeboat check --read-data`",
+                id.short(),
+                pack.id.short()
+            )
+        });
+        for (b, j, _) in targets {
+            let batch = &batches[b];
+            if let Some(reason) = &corrupt {
+                batch.fail(j, reason.clone());
+            }
+            // The last blob's writer finalizes the file through
+            // its open handle.
+            let handle = if batch.jobs[j].remaining.load(Ordering::Acquire) == 1 {
+                files.remove(&(b, j))
+            } else {
+                None
+            };
+            batch.blob_done(j, handle);
+        }
     }
-    report.timings.finish_secs =
-        (finish_clock.elapsed().as_secs_f64() - report.timings.verify_secs).max(0.0);
+}
+
+/// Restores a snapshot's tree into `opts.target`.
+pub fn restore(
+    repo: &Repository,
+    snapshot_tree: &Id,
+    opts: &RestoreOptions,
+) -> Result<RestoreReport> {
+    repo.require_full_key("restore")?;
+    let clock = std::time::Instant::now();
+    let index = repo.load_index()?;
+    let filter = Filter::new(opts)?;
+    repo.clear_pack_cache();
+    if !opts.dry_run {
+        std::fs::create_dir_all(&opts.target).map_err(|e| Error::io(&opts.target, e))?;
+    }
+    let queue = Queue::new();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let stop = AtomicBool::new(false);
+    let time = WorkerTime::default();
+    let mut unreadable: Vec<RestoreFailure> = Vec::new();
+    let outcome = std::thread::scope(|s| {
+        for _ in 0..crate::parallel::pack_threads(repo.backend()) {
+            let done = done_tx.clone();
+            let (index, queue, stop, time) = (&index, &queue, &stop, &time);
+            s.spawn(move || pack_worker(repo, index, queue, &done, stop, time));
+        }
+        drop(done_tx);
+        let mut restorer = Restorer {
+            repo,
+            index: &index,
+            opts,
+            filter,
+            is_root: fsmeta::euid() == 0,
+            batch_limit: if opts.batch == 0 {
+                DEFAULT_BATCH
+            } else {
+                opts.batch
+            },
+            report: RestoreReport::default(),
+            excluded: Vec::new(),
+            included: Vec::new(),
+            unselected: Vec::new(),
+            blocked: Vec::new(),
+            open_dirs: Vec::new(),
+            closed_dirs: Vec::new(),
+            batch: Vec::new(),
+            batch_blobs: 0,
+            batch_packs: std::collections::HashSet::new(),
+            links: HashMap::new(),
+            queue: &queue,
+            done: done_rx,
+            in_flight: std::collections::VecDeque::new(),
+            first_handoff: None,
+        };
+        let walked = crate::walk::walk_tolerant(
+            repo,
+            &index,
+            snapshot_tree,
+            &mut |path, node| restorer.visit(path, node),
+            &mut |dir, e| {
+                unreadable.push(RestoreFailure {
+                    path: String::from_utf8_lossy(dir).into_owned(),
+                    reason: format!("directory listing unreadable, nothing below it restored: {e}"),
+                })
+            },
+        )
+        .and_then(|()| restorer.finish());
+        if walked.is_err() {
+            // Whatever is still queued is skipped.
+            stop.store(true, Ordering::Relaxed);
+        }
+        // Closing the queue lets the workers finish.
+        queue.close();
+        walked.map(|()| (restorer.report, restorer.first_handoff))
+    });
+    let (mut report, first_handoff) = outcome?;
+    report.failures.splice(0..0, unreadable);
+    let t = &mut report.timings;
+    t.fetch_thread_secs = time.fetch_ns.into_inner() as f64 / 1e9;
+    t.decode_thread_secs = time.decode_ns.into_inner() as f64 / 1e9;
+    t.write_thread_secs = time.write_ns.into_inner() as f64 / 1e9;
+    // Planning is everything before the first batch was handed off; after
+    // it the walk runs alongside the writing, and counts as data.
+    let total = clock.elapsed().as_secs_f64();
+    t.plan_secs = first_handoff.map_or(total, |at| (at - clock).as_secs_f64());
+    t.data_secs = (total - t.plan_secs - t.verify_secs - t.finish_secs).max(0.0);
     Ok(report)
 }
 

@@ -70,6 +70,69 @@ fn every_kind_of_metadata_survives_backup_and_restore() {
 }
 
 #[test]
+fn a_restore_in_batches_of_one_two_or_three_entries_equals_one_in_a_single_batch() {
+    // Tiny batches put hard links, symlinks and the last entries of
+    // directories on every side of a batch boundary.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    make_metadata_tree(&src);
+    let lb = new_repo(tmp.path());
+    lb.ok(&["backup", src.to_str().unwrap()]);
+    let restore = |name: &str, extra: &[&str]| {
+        let target = tmp.path().join(name);
+        let mut args = vec!["restore", "latest", "--target", target.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let out = lb.ok(&args);
+        (target, out)
+    };
+    for batch in ["1", "2", "3"] {
+        let (target, _) = restore(&format!("whole-{batch}"), &["--batch", batch, "--verify"]);
+        assert_trees_equal(&src, &under(&target, &src));
+    }
+    // A partial restore creates the directories above what it selects,
+    // with their metadata, however the entries fall into batches.
+    let partial = ["--include", "hardlinks", "--include", "**/level2/level3"];
+    let (single, _) = restore("partial-single", &partial);
+    for batch in ["1", "2"] {
+        let mut extra = partial.to_vec();
+        extra.extend(["--batch", batch]);
+        let (target, _) = restore(&format!("partial-{batch}"), &extra);
+        assert_trees_equal(&single, &target);
+    }
+    let root = under(&single, &src);
+    assert!(root.join("hardlinks/second.txt").exists());
+    assert!(root.join("nested/level1/level2/level3/deep.txt").exists());
+    assert!(!root.join("hello.txt").exists(), "only what was included");
+    let refused = lb.fails(&["restore", "latest", "--target", "x", "--batch", "0"]);
+    assert!(stderr(&refused).contains("--batch"), "{}", stderr(&refused));
+}
+
+#[test]
+fn a_restore_of_many_copies_of_one_file_fits_in_128_file_descriptors() {
+    // The copies share one blob, written to every copy in one go; holding
+    // a descriptor per copy failed with "Too many open files" once the
+    // copies outnumbered the limit (systemd's default soft limit is 1024).
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let body = "one license text, copied into every package\n".repeat(100);
+    for i in 0..600 {
+        std::fs::write(src.join(format!("copy-{i:03}")), &body).unwrap();
+    }
+    let lb = new_repo(tmp.path());
+    lb.ok(&["backup", src.to_str().unwrap()]);
+    let target = tmp.path().join("restored");
+    let out = lb
+        .command_under("prlimit", &["--nofile=128:128".as_ref(), "--".as_ref()])
+        .args(["restore", "latest", "--target", target.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_trees_equal(&src, &under(&target, &src));
+}
+
+#[test]
 fn a_corrupted_byte_in_a_pack_fails_check_and_names_the_affected_file() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
