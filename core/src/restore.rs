@@ -461,6 +461,22 @@ impl Drop for PackDone<'_, '_> {
     }
 }
 
+/// Stops the restore if its worker panics, so the walking thread does not
+/// wait for parts only that worker would have written.
+struct PanicAlarm<'b> {
+    stop: &'b AtomicBool,
+    done: &'b mpsc::Sender<()>,
+}
+
+impl Drop for PanicAlarm<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.stop.store(true, Ordering::Relaxed);
+            let _ = self.done.send(());
+        }
+    }
+}
+
 /// Thread-seconds the pack workers spent, summed over them.
 #[derive(Default)]
 struct WorkerTime {
@@ -532,8 +548,12 @@ struct Restorer<'a, 'q> {
     links: HashMap<(u64, u64), LinkTarget>,
     /// The pack workers' queue.
     queue: &'q Queue<'a>,
-    /// One message each time a batch's last pack is written.
+    /// One message each time a batch's last pack is written, or a worker
+    /// panics.
     done: mpsc::Receiver<()>,
+    /// Set when a worker panics, or when the restore fails: queued packs
+    /// are then skipped.
+    stop: &'q AtomicBool,
     in_flight: std::collections::VecDeque<InFlight<'a>>,
     /// When the first batch was handed off: planning ends there.
     first_handoff: Option<std::time::Instant>,
@@ -841,8 +861,9 @@ impl<'a> Restorer<'a, '_> {
             return Ok(());
         };
         while f.batch.packs_left.load(Ordering::Acquire) > 0 {
-            if self.done.recv().is_err() {
-                // Every worker is gone: one panicked, and the scope reports it.
+            // A worker that panicked may have held parts nobody will write:
+            // stop waiting (the scope then reports the panic).
+            if self.stop.load(Ordering::Relaxed) || self.done.recv().is_err() {
                 return Err(Error::Interrupted);
             }
         }
@@ -1049,6 +1070,7 @@ fn pack_worker(
     stop: &AtomicBool,
     time: &WorkerTime,
 ) {
+    let _alarm = PanicAlarm { stop, done };
     // One decoder and hasher per thread, reused for every blob.
     let mut decoder = FrameDecoder::new().ok();
     let mut hasher = repo.ids().blob_hasher();
@@ -1281,6 +1303,7 @@ pub fn restore(
             batch_packs: std::collections::HashSet::new(),
             links: HashMap::new(),
             queue: &queue,
+            stop: &stop,
             done: done_rx,
             in_flight: std::collections::VecDeque::new(),
             first_handoff: None,
