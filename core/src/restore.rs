@@ -245,8 +245,11 @@ fn temp_path(final_path: &Path) -> PathBuf {
     final_path.with_file_name(name)
 }
 
-/// For one pack: each needed blob, its location, and every (file job, offset) it goes to.
-type PackPlan = HashMap<Id, (BlobLocation, Vec<(usize, u64)>)>;
+/// Every place one blob goes in a batch: (file job, offset in the file).
+type Places = Vec<(usize, u64)>;
+
+/// For one pack: each needed blob, its location, and every place it goes.
+type PackPlan = HashMap<Id, (BlobLocation, Places)>;
 
 struct FileJob {
     entry: usize,
@@ -1135,36 +1138,35 @@ fn restore_pack(
         Err(e) => PackSource::Salvaged(Err(e)),
     });
     add_ns(&time.fetch_ns, fetch_start);
-    // Each blob once, with every (batch, file job, offset) it goes to.
-    type Places = Vec<(usize, usize, u64)>;
-    let mut blobs: HashMap<Id, (BlobLocation, Places)> = HashMap::new();
-    for (b, plan) in plans.into_iter().enumerate() {
-        for (id, (loc, targets)) in plan {
-            let slot = blobs.entry(id).or_insert_with(|| (loc, Vec::new()));
-            slot.1
-                .extend(targets.into_iter().map(|(j, offset)| (b, j, offset)));
-        }
-    }
-    let mut blobs: Vec<_> = blobs.into_iter().collect();
-    blobs.sort_unstable_by_key(|(_, (loc, _))| loc.offset);
+    // Every blob of every part, in offset order. A blob two batches both
+    // need (rare) is decoded once for each.
+    let mut blobs: Vec<(usize, Id, BlobLocation, Places)> = plans
+        .into_iter()
+        .enumerate()
+        .flat_map(|(b, plan)| {
+            plan.into_iter()
+                .map(move |(id, (loc, targets))| (b, id, loc, targets))
+        })
+        .collect();
+    blobs.sort_unstable_by_key(|(_, _, loc, _)| loc.offset);
     let mut files: HashMap<(usize, usize), File> = HashMap::new();
-    let mut written = vec![0u64; batches.len()];
-    for (id, (loc, targets)) in blobs {
+    for (b, id, loc, targets) in blobs {
+        let batch = &batches[b];
         let blob_start = std::time::Instant::now();
         let mut write_time = std::time::Duration::ZERO;
-        let mut write_errors: Vec<(usize, usize, String)> = Vec::new();
+        let mut written: u64;
+        let mut write_errors: Vec<(usize, String)> = Vec::new();
         // Each decoded piece is hashed and written to every place
         // the blob goes; the hash decides at the end whether those
         // writes stand (a file that got a bad blob is removed).
         let outcome = loop {
             hasher.reset();
-            written.fill(0);
+            written = 0;
             write_errors.clear();
             let mut sink = |at: u64, piece: &[u8]| {
                 hasher.update(piece);
                 let start = std::time::Instant::now();
-                for &(b, j, offset) in &targets {
-                    let batch = &batches[b];
+                for &(j, offset) in &targets {
                     // Handles are kept for reuse up to a limit; a blob that
                     // many files share (copies of one file) would otherwise
                     // hold one descriptor per copy at once.
@@ -1181,8 +1183,8 @@ fn restore_pack(
                     };
                     let sparse = batch.entries[batch.jobs[j].entry].node.sparse;
                     match file.and_then(|f| write_blob(f, piece, offset + at, sparse)) {
-                        Ok(n) => written[b] += n,
-                        Err(e) => write_errors.push((b, j, format!("write failed: {e}"))),
+                        Ok(n) => written += n,
+                        Err(e) => write_errors.push((j, format!("write failed: {e}"))),
                     }
                 }
                 write_time += start.elapsed();
@@ -1218,17 +1220,15 @@ fn restore_pack(
                 }
             });
         };
-        for (batch, n) in batches.iter().zip(&written) {
-            batch.bytes_written.fetch_add(*n, Ordering::Relaxed);
-        }
+        batch.bytes_written.fetch_add(written, Ordering::Relaxed);
         time.write_ns
             .fetch_add(write_time.as_nanos() as u64, Ordering::Relaxed);
         time.decode_ns.fetch_add(
             (blob_start.elapsed().saturating_sub(write_time)).as_nanos() as u64,
             Ordering::Relaxed,
         );
-        for (b, j, reason) in write_errors.drain(..) {
-            batches[b].fail(j, reason);
+        for (j, reason) in write_errors.drain(..) {
+            batch.fail(j, reason);
         }
         let corrupt = outcome.err().map(|e| {
             format!(
@@ -1237,8 +1237,7 @@ fn restore_pack(
                 pack.id.short()
             )
         });
-        for (b, j, _) in targets {
-            let batch = &batches[b];
+        for (j, _) in targets {
             if let Some(reason) = &corrupt {
                 batch.fail(j, reason.clone());
             }
