@@ -121,10 +121,11 @@ pub struct RestoreReport {
 /// time when the workers run in parallel.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RestoreTimings {
-    /// Loading the index and walking the snapshot's trees (wall seconds).
-    pub plan_secs: f64,
-    /// Creating directories, writing file data, links and special files
+    /// Loading the index and walking the snapshot up to its first batch
     /// (wall seconds).
+    pub plan_secs: f64,
+    /// From the first batch on: writing file data, links and special files,
+    /// while the walk goes on alongside (wall seconds).
     pub data_secs: f64,
     /// Re-reading restored files against the snapshot (wall seconds).
     pub verify_secs: f64,
