@@ -517,8 +517,9 @@ struct InFlight<'a> {
 /// workers, and the walk goes on while they write it; once its data is
 /// written, its hard links, symlinks and special files are created, its
 /// files verified, and the directories the walk has left get their
-/// metadata. At most two batches are in flight, so memory is a few
-/// batches and one path of directories deep, whatever the snapshot's size.
+/// metadata. At most `MAX_IN_FLIGHT + 1` batches are in flight, so memory
+/// is a few batches and one path of directories deep, whatever the
+/// snapshot's size.
 struct Restorer<'a, 'q> {
     repo: &'a Repository,
     index: &'a Index,
@@ -691,7 +692,8 @@ impl<'a> Restorer<'a, '_> {
     }
 
     /// Decides what each file of the batch needs and queues its packs for
-    /// the workers; then, if two batches are in flight, completes the older.
+    /// the workers; then completes the oldest batches until at most
+    /// `MAX_IN_FLIGHT` besides this one are in flight.
     fn hand_off(&mut self) -> Result<()> {
         if self.cancelled() {
             return Err(Error::Interrupted);
