@@ -41,21 +41,24 @@ fn spawn(lb: &Lb, args: &[&str]) -> Child {
         .expect("lifeboat starts")
 }
 
-/// SIGKILLs `child` after `after` unless it finished first; returns true
-/// when it was killed.
-fn kill_after(mut child: Child, after: Duration) -> bool {
-    let deadline = Instant::now() + after;
+/// SIGKILLs `child` after `after` unless it finished first; returns how
+/// long it ran when it finished by itself, `None` when it was killed.
+fn kill_after(mut child: Child, after: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let deadline = started + after;
     while Instant::now() < deadline {
         if child.try_wait().unwrap().is_some() {
-            return false;
+            return Some(started.elapsed());
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let killed = child.try_wait().unwrap().is_none();
+    if child.try_wait().unwrap().is_some() {
+        return Some(started.elapsed());
+    }
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     child.wait().unwrap();
-    killed
+    None
 }
 
 /// Snapshot IDs by their `round-N` tag.
@@ -130,7 +133,11 @@ fn survive_kills(
     write_random_file(&src.join("f000.bin"), file_mib << 20, 7);
     let started = Instant::now();
     lb.ok(&["backup", src.to_str().unwrap(), "--tag", "round-0"]);
-    let mut typical = started.elapsed();
+    // How long a backup and a prune run, as last seen finishing. A run that
+    // outlives its kill moment shrinks its kind's window to the time it
+    // really took, so a slow round 0 (a loaded CI host) does not leave
+    // every later kill landing after the run has ended.
+    let mut windows = [started.elapsed(); 2];
     let mut kills = 0;
     let mut reuse_checked = 0;
     for round in 1..=rounds {
@@ -149,7 +156,15 @@ fn survive_kills(
         } else {
             spawn(lb, &["backup", src.to_str().unwrap(), "--tag", &tag])
         };
-        let killed = kill_after(child, typical / 10 + delay(round as u64, typical));
+        let window = &mut windows[usize::from(prune_round)];
+        let at = *window / 10 + delay(round as u64, *window * 9 / 10);
+        let killed = match kill_after(child, at) {
+            Some(ran) => {
+                *window = ran;
+                false
+            }
+            None => true,
+        };
         kills += usize::from(killed);
         let out = lb.run(&["check".as_ref(), "--read-data".as_ref()]);
         assert_eq!(
@@ -169,11 +184,7 @@ fn survive_kills(
             // The next backup completes; when the killed one had written an
             // index object, its packs are reused.
             let indexed = local && index_objects(lb) > before;
-            let started = Instant::now();
             let out = json(&lb.ok(&["--json", "backup", src.to_str().unwrap(), "--tag", &tag]));
-            if !killed {
-                typical = typical.max(started.elapsed());
-            }
             let added = out["summary"]["bytes_added_raw"].as_u64().unwrap();
             if killed && indexed {
                 assert!(
@@ -260,10 +271,9 @@ fn kill_9_of_the_agent_mid_backup_leaves_the_repository_and_catalog_usable() {
             round as u64 + 99,
         );
         let child = agent(&["agent"]).spawn().unwrap();
-        killed += usize::from(kill_after(
-            child,
-            Duration::from_millis(400 + 300 * round as u64),
-        ));
+        killed += usize::from(
+            kill_after(child, Duration::from_millis(400 + 300 * round as u64)).is_none(),
+        );
         let out = lb.run(&["check".as_ref(), "--read-data".as_ref()]);
         assert_eq!(code(&out), 0, "round {round}: {}", stderr(&out));
     }
