@@ -5,8 +5,9 @@
 //! size. The order keeps a hostile snapshot inside the target: every name
 //! was validated when its tree was parsed (no `/`, `.`, `..` or NUL, and
 //! unique within its directory); directories are created as real
-//! directories when the walk meets them; file data is written to a
-//! temporary name with `O_NOFOLLOW` and renamed into place only when
+//! directories when the walk meets them; file data is written to a file
+//! without a name (`O_TMPFILE`, for one-blob files) or under a temporary
+//! name with `O_NOFOLLOW`, and linked or renamed into place only when
 //! complete and carrying its metadata; a batch's symlinks are created after
 //! its data, and since names are unique no later path lies below one. A
 //! directory gets its metadata once everything below it is written. An
@@ -246,6 +247,118 @@ fn temp_path(final_path: &Path) -> PathBuf {
     final_path.with_file_name(name)
 }
 
+/// What a restore has learned about nameless files (`O_TMPFILE`) on its
+/// target, so a file system without them costs one failed open, not one
+/// per file.
+#[derive(Default)]
+struct Nameless {
+    /// `O_TMPFILE` failed: the file system (or kernel) lacks it.
+    unsupported: AtomicBool,
+    /// `linkat` with `AT_EMPTY_PATH` was refused (it needs
+    /// `CAP_DAC_READ_SEARCH`): link through `/proc/self/fd` instead.
+    via_proc: AtomicBool,
+}
+
+/// Creates a nameless file in `path`'s directory, or `None` where the file
+/// system has no `O_TMPFILE` (the caller then uses a temporary name).
+fn open_anonymous(path: &Path, nameless: &Nameless) -> Option<File> {
+    if nameless.unsupported.load(Ordering::Relaxed) {
+        return None;
+    }
+    let dir = path.parent()?;
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    // O_NOFOLLOW: the directory must be the real one the walk created.
+    match OpenOptions::new()
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE | libc::O_NOFOLLOW)
+        .open(dir)
+    {
+        Ok(f) => Some(f),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+            ) =>
+        {
+            nameless.unsupported.store(true, Ordering::Relaxed);
+            None
+        }
+        // Anything else (no space, no permission) shows again, with the
+        // file's own name, on the named path.
+        Err(_) => None,
+    }
+}
+
+/// Gives a nameless file the name `path`. Where `path` exists (a restore
+/// with `overwrite`), links it under `temp` and renames that over `path`,
+/// so the old file is replaced in one step as with a named temporary.
+fn link_into_place(
+    file: &File,
+    path: &Path,
+    temp: &Path,
+    nameless: &Nameless,
+) -> std::io::Result<()> {
+    match link_fd(file, path, nameless) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // A leftover of an interrupted run may hold the temporary name.
+            let _ = std::fs::remove_file(temp);
+            link_fd(file, temp, nameless)?;
+            std::fs::rename(temp, path)
+        }
+        other => other,
+    }
+}
+
+/// `linkat` of an open file to `to`: by descriptor where allowed, else
+/// through its `/proc/self/fd` entry.
+fn link_fd(file: &File, to: &Path, nameless: &Nameless) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
+    if !nameless.via_proc.load(Ordering::Relaxed) {
+        // SAFETY: a valid descriptor, an empty C string and a valid path.
+        let r = unsafe {
+            libc::linkat(
+                file.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        // Without CAP_DAC_READ_SEARCH the kernel answers ENOENT.
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            return Err(e);
+        }
+        nameless.via_proc.store(true, Ordering::Relaxed);
+    }
+    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    // SAFETY: two valid C strings.
+    let r = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Every place one blob goes in a batch: (file job, offset in the file).
 type Places = Vec<(usize, u64)>;
 
@@ -256,9 +369,21 @@ struct FileJob {
     entry: usize,
     remaining: AtomicUsize,
     failed: Mutex<Option<String>>,
-    /// Whether the temporary file exists yet: it is created by whichever
+    /// Whether the file exists yet, and how: it is created by whichever
     /// worker brings the first blob, so a one-blob file costs one open.
-    created: Mutex<bool>,
+    created: Mutex<Created>,
+}
+
+/// How a file being restored exists before it is complete.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Created {
+    /// Not yet: no blob has reached it.
+    No,
+    /// Under its temporary name ([`temp_path`]), reopened by that name.
+    Named,
+    /// Without a name (`O_TMPFILE`): only the handle that created it
+    /// reaches it, and [`link_into_place`] gives it its final name.
+    Anonymous,
 }
 
 /// A batch's files, shared by the walking thread and the pack workers.
@@ -271,6 +396,8 @@ struct Batch<'a> {
     packs_left: AtomicUsize,
     bytes_written: AtomicU64,
     warnings: Mutex<Vec<String>>,
+    /// What the restore learned about nameless files on the target.
+    nameless: Arc<Nameless>,
 }
 
 impl Batch<'_> {
@@ -280,26 +407,53 @@ impl Batch<'_> {
             .join(self.entries[self.jobs[j].entry].rel())
     }
 
-    /// Opens a job's temporary file, creating it on first use.
-    fn open_temp(&self, j: usize) -> std::io::Result<File> {
+    /// Opens a job's temporary file, creating it on first use. With
+    /// `keep` (the caller holds the handle until the file is finalized), a
+    /// one-blob file is created without a name (`O_TMPFILE`): it then
+    /// needs no temporary name to be made and renamed away, and an
+    /// interrupted restore leaves nothing of it behind.
+    fn open_temp(&self, j: usize, keep: bool) -> std::io::Result<File> {
         let job = &self.jobs[j];
         let mut created = job.created.lock().expect("poisoned");
+        let node = &self.entries[job.entry].node;
+        let path = self.final_path(j);
+        if *created == Created::Anonymous {
+            // Only the handle that created it reaches it; a caller that
+            // does not hold it must not write elsewhere.
+            return Err(std::io::Error::other(
+                "a nameless temporary file reopened (internal error)",
+            ));
+        }
+        let fresh = *created == Created::No;
+        let f = if fresh && keep && node.content.len() == 1 {
+            match open_anonymous(&path, &self.nameless) {
+                Some(f) => {
+                    *created = Created::Anonymous;
+                    f
+                }
+                None => self.open_named(&path, &mut created)?,
+            }
+        } else {
+            self.open_named(&path, &mut created)?
+        };
+        if fresh && node.sparse {
+            // Sparse files get their size up front so skipped zeros stay holes.
+            f.set_len(node.size)?;
+        }
+        Ok(f)
+    }
+
+    /// Opens (on first use: creates) a job's file under its temporary name.
+    fn open_named(&self, path: &Path, created: &mut Created) -> std::io::Result<File> {
         let mut o = OpenOptions::new();
         o.write(true).custom_flags(libc::O_NOFOLLOW);
-        if !*created {
+        if *created == Created::No {
             o.create(true).truncate(true).mode(0o600);
         }
         // The temporary name is derived again rather than stored: a path
         // per file held for the whole batch was a tenth of its memory.
-        let f = o.open(temp_path(&self.final_path(j)))?;
-        if !*created {
-            // Sparse files get their size up front so skipped zeros stay holes.
-            let node = &self.entries[job.entry].node;
-            if node.sparse {
-                f.set_len(node.size)?;
-            }
-            *created = true;
-        }
+        let f = o.open(temp_path(path))?;
+        *created = Created::Named;
         Ok(f)
     }
 
@@ -310,11 +464,14 @@ impl Batch<'_> {
         let e = &self.entries[job.entry];
         let path = self.final_path(j);
         let temp = temp_path(&path);
+        let anonymous = *job.created.lock().expect("poisoned") == Created::Anonymous;
         if job.failed.lock().expect("poisoned").is_some() {
-            let _ = std::fs::remove_file(&temp);
+            if !anonymous {
+                let _ = std::fs::remove_file(&temp);
+            }
             return;
         }
-        let file = match handle.map_or_else(|| self.open_temp(j), Ok) {
+        let file = match handle.map_or_else(|| self.open_temp(j, false), Ok) {
             Ok(f) => f,
             Err(err) => {
                 self.fail(j, format!("cannot create: {err}"));
@@ -337,8 +494,13 @@ impl Batch<'_> {
         .into_iter()
         .map(|(what, err)| format!("{}: cannot {what}: {err}", e.display()))
         .collect();
-        drop(file);
-        if let Err(err) = std::fs::rename(&temp, &path) {
+        let placed = if anonymous {
+            link_into_place(&file, &path, &temp, &self.nameless)
+        } else {
+            drop(file);
+            std::fs::rename(&temp, &path)
+        };
+        if let Err(err) = placed {
             self.fail(j, format!("cannot move into place: {err}"));
             let _ = std::fs::remove_file(&temp);
         }
@@ -551,6 +713,8 @@ struct Restorer<'a, 'q> {
     batch_packs: std::collections::HashSet<u32>,
     /// Files with other names (by device and inode in the snapshot).
     links: HashMap<(u64, u64), LinkTarget>,
+    /// Shared with every batch: whether nameless files work on the target.
+    nameless: Arc<Nameless>,
     /// The pack workers' queue.
     queue: &'q Queue<'a>,
     /// One message each time a batch's last pack is written, or a worker
@@ -772,7 +936,7 @@ impl<'a> Restorer<'a, '_> {
                 entry: i,
                 remaining: AtomicUsize::new(e.node.content.len()),
                 failed: Mutex::new(None),
-                created: Mutex::new(false),
+                created: Mutex::new(Created::No),
             });
         }
         if opts.dry_run {
@@ -818,6 +982,7 @@ impl<'a> Restorer<'a, '_> {
             packs_left: AtomicUsize::new(by_pack.len()),
             bytes_written: AtomicU64::new(0),
             warnings: Mutex::new(Vec::new()),
+            nameless: self.nameless.clone(),
         });
         for &(j, id, unplaced) in &missing {
             batch.fail(j, format!("blob {} is missing from the index", id.short()));
@@ -1178,11 +1343,11 @@ fn restore_pack(
                         match files.entry((b, j)) {
                             std::collections::hash_map::Entry::Occupied(o) => Ok(&*o.into_mut()),
                             std::collections::hash_map::Entry::Vacant(v) => {
-                                batch.open_temp(j).map(|f| &*v.insert(f))
+                                batch.open_temp(j, true).map(|f| &*v.insert(f))
                             }
                         }
                     } else {
-                        batch.open_temp(j).map(|f| &*transient.insert(f))
+                        batch.open_temp(j, false).map(|f| &*transient.insert(f))
                     };
                     let sparse = batch.entries[batch.jobs[j].entry].node.sparse;
                     match file.and_then(|f| write_blob(f, piece, offset + at, sparse)) {
@@ -1304,6 +1469,7 @@ pub fn restore(
             batch_blobs: 0,
             batch_packs: std::collections::HashSet::new(),
             links: HashMap::new(),
+            nameless: Arc::default(),
             queue: &queue,
             stop: &stop,
             done: done_rx,
@@ -1468,4 +1634,73 @@ pub fn dump(repo: &Repository, root: &Id, path: &str, out: &mut dyn std::io::Wri
         n += data.len() as u64;
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Nameless files: created without a name, linked into place whole.
+
+    use super::*;
+    use std::io::Write;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_nameless_file_shows_no_name_until_it_is_linked_into_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let nameless = Nameless::default();
+        let mut f = open_anonymous(&path, &nameless).expect("the test file system has O_TMPFILE");
+        f.write_all(b"whole").unwrap();
+        assert!(names(dir.path()).is_empty(), "nothing named while written");
+        link_into_place(&f, &path, &temp_path(&path), &nameless).unwrap();
+        drop(f);
+        assert_eq!(names(dir.path()), ["f"]);
+        assert_eq!(std::fs::read(&path).unwrap(), b"whole");
+    }
+
+    #[test]
+    fn a_nameless_file_dropped_before_linking_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let nameless = Nameless::default();
+        let mut f = open_anonymous(&dir.path().join("f"), &nameless).unwrap();
+        f.write_all(b"half").unwrap();
+        drop(f);
+        assert!(names(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn linking_over_an_existing_file_replaces_it_and_leaves_no_temporary_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, "old").unwrap();
+        // A leftover of an interrupted run under the temporary name.
+        std::fs::write(temp_path(&path), "stale").unwrap();
+        let nameless = Nameless::default();
+        let mut f = open_anonymous(&path, &nameless).unwrap();
+        f.write_all(b"new").unwrap();
+        link_into_place(&f, &path, &temp_path(&path), &nameless).unwrap();
+        assert_eq!(names(dir.path()), ["f"]);
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+    }
+
+    #[test]
+    fn linking_through_proc_works_where_a_descriptor_link_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        // As an unprivileged process finds after its first ENOENT.
+        let nameless = Nameless::default();
+        nameless.via_proc.store(true, Ordering::Relaxed);
+        let mut f = open_anonymous(&path, &nameless).unwrap();
+        f.write_all(b"via proc").unwrap();
+        link_into_place(&f, &path, &temp_path(&path), &nameless).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"via proc");
+    }
 }

@@ -316,7 +316,8 @@ fn stdin_backups_round_trip_through_dump() {
 }
 
 #[test]
-fn an_unreadable_file_or_subtree_is_a_warning_and_the_snapshot_is_saved_as_incomplete() {
+fn an_unreadable_file_or_subtree_is_a_warning_the_snapshot_is_saved_as_incomplete_and_the_same_user_restores_it(
+) {
     let tmp = tempfile::tempdir().unwrap();
     // Run as an unprivileged user so that permissions apply (tests run as root).
     let base = tmp.path().join("world");
@@ -371,6 +372,30 @@ fn an_unreadable_file_or_subtree_is_a_warning_and_the_snapshot_is_saved_as_incom
             && !listing.contains("/private/deeper"),
         "{listing}"
     );
+    // The same user restores what was read, nameless files included: newer
+    // kernels let their creator link them by descriptor; older ones want
+    // CAP_DAC_READ_SEARCH for that, and restore then links them through
+    // /proc/self/fd (`restore::tests::linking_through_proc_...`).
+    let restored = base.join("restored");
+    let out = as_nobody(&[
+        "restore",
+        "latest",
+        "--target",
+        restored.to_str().unwrap(),
+        "--verify",
+    ]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let file = under(&restored, &src).join("readable");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "ok");
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&file).unwrap();
+    assert_eq!((meta.mode() & 0o7777, meta.uid()), (0o644, 65534));
+    let leftovers: Vec<_> = std::fs::read_dir(under(&restored, &src))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".lb-restore"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary names left: {leftovers:?}");
 }
 
 fn set_mode(p: &Path, mode: u32) {
