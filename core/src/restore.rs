@@ -213,11 +213,29 @@ fn is_below(dir: &[u8], p: &[u8]) -> bool {
     p.len() > dir.len() && p.starts_with(dir) && p[dir.len()] == b'/'
 }
 
-/// Drops the directories the walk has left: each stack holds directories
-/// on the path to the walk's position, outermost first.
-fn leave(stack: &mut Vec<Vec<u8>>, p: &[u8]) {
-    while stack.last().is_some_and(|d| !is_below(d, p)) {
-        stack.pop();
+/// A directory on one of the walk's stacks, by its snapshot path.
+trait WalkDir {
+    fn dir_path(&self) -> &[u8];
+}
+
+impl WalkDir for Vec<u8> {
+    fn dir_path(&self) -> &[u8] {
+        self
+    }
+}
+
+impl WalkDir for Entry {
+    fn dir_path(&self) -> &[u8] {
+        &self.snap_path
+    }
+}
+
+/// Pops the directories the walk has left, deepest first, and hands each
+/// to `left`: each stack holds directories on the path to the walk's
+/// position `p`, outermost first.
+fn leave<T: WalkDir>(stack: &mut Vec<T>, p: &[u8], mut left: impl FnMut(T)) {
+    while stack.last().is_some_and(|d| !is_below(d.dir_path(), p)) {
+        left(stack.pop().expect("checked above"));
     }
 }
 
@@ -679,9 +697,9 @@ struct InFlight<'a> {
 /// workers, and the walk goes on while they write it; once its data is
 /// written, its hard links, symlinks and special files are created, its
 /// files verified, and the directories the walk has left get their
-/// metadata. At most `MAX_IN_FLIGHT + 1` batches are in flight, so memory
-/// is a few batches and one path of directories deep, whatever the
-/// snapshot's size.
+/// metadata. At most `MAX_IN_FLIGHT + 1` batches are in flight, each of at
+/// most twice the batch size, so memory is a few batches and one path of
+/// directories deep, whatever the snapshot's size.
 struct Restorer<'a, 'q> {
     repo: &'a Repository,
     index: &'a Index,
@@ -738,24 +756,11 @@ impl<'a> Restorer<'a, '_> {
 
     /// Takes one entry from the walk (parents before children).
     fn visit(&mut self, path: &[u8], node: &Node) -> Result<()> {
-        leave(&mut self.excluded, path);
-        leave(&mut self.included, path);
-        leave(&mut self.blocked, path);
-        while self
-            .unselected
-            .last()
-            .is_some_and(|d| !is_below(&d.snap_path, path))
-        {
-            self.unselected.pop();
-        }
-        while self
-            .open_dirs
-            .last()
-            .is_some_and(|d| !is_below(&d.snap_path, path))
-        {
-            let dir = self.open_dirs.pop().expect("checked above");
-            self.closed_dirs.push(dir);
-        }
+        leave(&mut self.excluded, path, drop);
+        leave(&mut self.included, path, drop);
+        leave(&mut self.blocked, path, drop);
+        leave(&mut self.unselected, path, drop);
+        leave(&mut self.open_dirs, path, |dir| self.closed_dirs.push(dir));
         if !self.excluded.is_empty() {
             return Ok(());
         }
