@@ -144,6 +144,9 @@ struct Entry {
     /// Path inside the snapshot, `/`-separated, starting with `/`.
     snap_path: Vec<u8>,
     node: Node,
+    /// Nothing was at its place before this restore: a directory this
+    /// restore created, or an entry in one. Its place is not checked.
+    fresh: bool,
 }
 
 impl Entry {
@@ -211,6 +214,11 @@ impl Filter {
 /// Whether `p` lies strictly below the directory `dir` (both snapshot paths).
 fn is_below(dir: &[u8], p: &[u8]) -> bool {
     p.len() > dir.len() && p.starts_with(dir) && p[dir.len()] == b'/'
+}
+
+/// Whether `dir` is the directory holding `p` (both snapshot paths).
+fn is_parent(dir: &[u8], p: &[u8]) -> bool {
+    is_below(dir, p) && !p[dir.len() + 1..].contains(&b'/')
 }
 
 /// A directory on one of the walk's stacks, by its snapshot path.
@@ -770,9 +778,16 @@ impl<'a> Restorer<'a, '_> {
             }
             return Ok(());
         }
+        // Below a directory this restore created, nothing can be in the
+        // way (names are unique within a tree).
+        let fresh = self
+            .open_dirs
+            .last()
+            .is_some_and(|d| d.fresh && is_parent(&d.snap_path, path));
         let entry = || Entry {
             snap_path: path.to_vec(),
             node: node.clone(),
+            fresh,
         };
         if let Some(set) = &self.filter.include {
             if self.included.is_empty() && !set.is_match(fsmeta::os(path)) {
@@ -817,7 +832,7 @@ impl<'a> Restorer<'a, '_> {
     }
 
     /// Creates a directory as a real directory (its metadata comes last).
-    fn place_dir(&mut self, e: Entry) -> Result<()> {
+    fn place_dir(&mut self, mut e: Entry) -> Result<()> {
         if !self.blocked.is_empty() {
             return Ok(());
         }
@@ -841,6 +856,7 @@ impl<'a> Restorer<'a, '_> {
                 std::fs::create_dir(&path).map_err(|err| Error::io(&path, err))?;
                 // Owner-writable while we fill it; final mode comes last.
                 let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700));
+                e.fresh = true;
             }
             Err(err) => return Err(Error::io(&path, err)),
         }
@@ -900,7 +916,12 @@ impl<'a> Restorer<'a, '_> {
             }
             self.report.bytes_total += e.node.size;
             let path = target.join(e.rel());
-            match std::fs::symlink_metadata(&path) {
+            let existing = if e.fresh {
+                Err(std::io::ErrorKind::NotFound.into())
+            } else {
+                std::fs::symlink_metadata(&path)
+            };
+            match existing {
                 Ok(m) if m.is_file() && m.len() == e.node.size => {
                     let same_time =
                         m.mtime() == e.node.mtime && m.mtime_nsec() == e.node.mtime_nsec as i64;
