@@ -298,7 +298,9 @@ fn open_anonymous(path: &Path, nameless: &Nameless) -> Option<File> {
         dir
     };
     // O_NOFOLLOW: the directory must be the real one the walk created.
+    // Readable too: should linking fail, its bytes are copied out.
     match OpenOptions::new()
+        .read(true)
         .write(true)
         .mode(0o600)
         .custom_flags(libc::O_TMPFILE | libc::O_NOFOLLOW)
@@ -318,6 +320,56 @@ fn open_anonymous(path: &Path, nameless: &Nameless) -> Option<File> {
         // file's own name, on the named path.
         Err(_) => None,
     }
+}
+
+/// Gives a complete nameless file its metadata (`meta`, which returns its
+/// warnings) and its name `path`. A file system that made the file but
+/// will not link it (no /proc to link through, ...) gets a copy under
+/// `temp`, with the metadata, renamed into place; later files there then
+/// use names from the start.
+fn place_nameless(
+    file: &File,
+    path: &Path,
+    temp: &Path,
+    nameless: &Nameless,
+    meta: impl Fn(&File) -> Vec<String>,
+) -> std::io::Result<Vec<String>> {
+    let warnings = meta(file);
+    match link_into_place(file, path, temp, nameless) {
+        Ok(()) => Ok(warnings),
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Err(err),
+        Err(_) => {
+            nameless.unsupported.store(true, Ordering::Relaxed);
+            let copy = copy_to_named(file, temp)?;
+            let warnings = meta(&copy);
+            drop(copy);
+            std::fs::rename(temp, path)?;
+            Ok(warnings)
+        }
+    }
+}
+
+/// Copies a nameless file's bytes to a new file at `temp` (holes stay
+/// holes where the kernel's copy keeps them).
+fn copy_to_named(file: &File, temp: &Path) -> std::io::Result<File> {
+    let mut copy = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(temp)?;
+    let len = file.metadata()?.len();
+    copy.set_len(len)?;
+    let mut from = file;
+    std::io::Seek::seek(&mut from, std::io::SeekFrom::Start(0))?;
+    let copied = std::io::copy(&mut from, &mut copy)?;
+    if copied != len {
+        return Err(std::io::Error::other(format!(
+            "copied {copied} of {len} bytes"
+        )));
+    }
+    Ok(copy)
 }
 
 /// Gives a nameless file the name `path`. Where `path` exists (a restore
@@ -510,27 +562,32 @@ impl Batch<'_> {
             .iter()
             .map(|x| (x.name.0.as_slice(), x.value.0.as_slice()))
             .collect();
-        let w: Vec<String> = fsmeta::apply_to_fd(
-            &file,
-            self.is_root.then_some((e.node.uid, e.node.gid)),
-            e.node.mode & 0o7777,
-            &xattrs,
-            (e.node.mtime, e.node.mtime_nsec),
-        )
-        .into_iter()
-        .map(|(what, err)| format!("{}: cannot {what}: {err}", e.display()))
-        .collect();
-        let placed = if anonymous {
-            link_into_place(&file, &path, &temp, &self.nameless)
-        } else {
-            drop(file);
-            std::fs::rename(&temp, &path)
+        let apply_meta = |file: &File| -> Vec<String> {
+            fsmeta::apply_to_fd(
+                file,
+                self.is_root.then_some((e.node.uid, e.node.gid)),
+                e.node.mode & 0o7777,
+                &xattrs,
+                (e.node.mtime, e.node.mtime_nsec),
+            )
+            .into_iter()
+            .map(|(what, err)| format!("{}: cannot {what}: {err}", e.display()))
+            .collect()
         };
-        if let Err(err) = placed {
-            self.fail(j, format!("cannot move into place: {err}"));
-            let _ = std::fs::remove_file(&temp);
+        let placed = if anonymous {
+            place_nameless(&file, &path, &temp, &self.nameless, apply_meta)
+        } else {
+            let w = apply_meta(&file);
+            drop(file);
+            std::fs::rename(&temp, &path).map(|()| w)
+        };
+        match placed {
+            Ok(w) => self.warnings.lock().expect("poisoned").extend(w),
+            Err(err) => {
+                self.fail(j, format!("cannot move into place: {err}"));
+                let _ = std::fs::remove_file(&temp);
+            }
         }
-        self.warnings.lock().expect("poisoned").extend(w);
     }
 
     /// Marks a file failed (the first reason stands).
@@ -1715,6 +1772,46 @@ mod tests {
         link_into_place(&f, &path, &temp_path(&path), &nameless).unwrap();
         assert_eq!(names(dir.path()), ["f"]);
         assert_eq!(std::fs::read(&path).unwrap(), b"new");
+    }
+
+    #[test]
+    fn a_nameless_file_the_file_system_will_not_link_is_copied_under_a_name() {
+        // linkat cannot cross file systems (EXDEV): the nameless file lives
+        // on tmpfs, its place on the disk the tests build on.
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        let disk = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        assert_ne!(
+            std::fs::metadata(shm.path()).unwrap().dev(),
+            std::fs::metadata(disk.path()).unwrap().dev(),
+            "the test needs /dev/shm and the source tree on different file systems"
+        );
+        let nameless = Nameless::default();
+        let mut f = open_anonymous(&shm.path().join("f"), &nameless).unwrap();
+        f.write_all(&[7u8; 300_000]).unwrap();
+        let path = disk.path().join("f");
+        let err = link_into_place(&f, &path, &temp_path(&path), &nameless).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EXDEV));
+        // What restore does with it: the copy gets the file's metadata.
+        let meta = |file: &File| {
+            let t = (1_500_000_000, 5);
+            fsmeta::apply_to_fd(file, None, 0o640, &[], t)
+                .into_iter()
+                .map(|(what, e)| format!("{what}: {e}"))
+                .collect()
+        };
+        let warnings = place_nameless(&f, &path, &temp_path(&path), &nameless, meta).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(std::fs::read(&path).unwrap(), vec![7u8; 300_000]);
+        assert_eq!(names(disk.path()), ["f"]);
+        let m = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            (m.mode() & 0o7777, m.mtime(), m.mtime_nsec()),
+            (0o640, 1_500_000_000, 5)
+        );
+        assert!(
+            nameless.unsupported.load(Ordering::Relaxed),
+            "later files use names"
+        );
     }
 
     #[test]
