@@ -145,7 +145,10 @@ struct Entry {
     snap_path: Vec<u8>,
     node: Node,
     /// Nothing was at its place before this restore: a directory this
-    /// restore created, or an entry in one. Its place is not checked.
+    /// restore created, or an entry in one. Its place is not looked up
+    /// first. (A directory recreated by `--overwrite`, and the first entry
+    /// below directories an include selects late, are conservatively not
+    /// fresh.)
     fresh: bool,
 }
 
@@ -264,9 +267,9 @@ fn content_digest(content: &[Id]) -> blake3::Hash {
     h.finalize()
 }
 
-/// Name of the temporary file a file is written to before it is complete.
-/// Deterministic, so a rerun reuses (truncates) a leftover instead of
-/// leaving it behind.
+/// Name of the temporary file a file is written to before it is complete
+/// (unless it is nameless). Deterministic, so a rerun reuses or removes a
+/// leftover instead of leaving it behind.
 fn temp_path(final_path: &Path) -> PathBuf {
     let h = blake3::hash(final_path.as_os_str().as_encoded_bytes());
     let name = format!(".lb-restore-{}.tmp", &h.to_hex()[..16]);
@@ -297,7 +300,8 @@ fn open_anonymous(path: &Path, nameless: &Nameless) -> Option<File> {
     } else {
         dir
     };
-    // O_NOFOLLOW: the directory must be the real one the walk created.
+    // O_NOFOLLOW: a real directory, as the walk checked or made it (a
+    // symlinked --target only sends its top-level files the named way).
     // Readable too: should linking fail, its bytes are copied out.
     match OpenOptions::new()
         .read(true)
@@ -323,39 +327,62 @@ fn open_anonymous(path: &Path, nameless: &Nameless) -> Option<File> {
 }
 
 /// Gives a complete nameless file its metadata (`meta`, which returns its
-/// warnings) and its name `path`. A file system that made the file but
-/// will not link it (no /proc to link through, ...) gets a copy under
-/// `temp`, with the metadata, renamed into place; later files there then
-/// use names from the start.
+/// warnings) and its name `path`. An existing `path` is replaced only with
+/// `overwrite`, in one step: the file is linked under `temp` and that is
+/// renamed over it. A file system that made the file but will not link it
+/// (no /proc to link through, ...) gets a copy under `temp`, with the
+/// metadata, renamed into place; the rest of the restore then uses names
+/// from the start.
 fn place_nameless(
     file: &File,
     path: &Path,
     temp: &Path,
+    overwrite: bool,
     nameless: &Nameless,
     meta: impl Fn(&File) -> Vec<String>,
 ) -> std::io::Result<Vec<String>> {
     let warnings = meta(file);
-    match link_into_place(file, path, temp, nameless) {
-        Ok(()) => Ok(warnings),
-        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Err(err),
+    let linked = match link_fd(file, path, nameless) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && overwrite => {
+            // A leftover of an interrupted run may hold the temporary name.
+            let _ = std::fs::remove_file(temp);
+            link_fd(file, temp, nameless).map(|()| true)
+        }
+        other => other.map(|()| false),
+    };
+    match linked {
+        Ok(false) => Ok(warnings),
+        Ok(true) => match std::fs::rename(temp, path) {
+            Ok(()) => Ok(warnings),
+            Err(e) => {
+                let _ = std::fs::remove_file(temp);
+                Err(e)
+            }
+        },
+        // Without `overwrite`, whatever holds the name stays.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(e),
         Err(_) => {
             nameless.unsupported.store(true, Ordering::Relaxed);
             let copy = copy_to_named(file, temp)?;
             let warnings = meta(&copy);
             drop(copy);
-            std::fs::rename(temp, path)?;
+            rename_into_place(temp, path, overwrite)?;
             Ok(warnings)
         }
     }
 }
 
-/// Copies a nameless file's bytes to a new file at `temp` (holes stay
-/// holes where the kernel's copy keeps them).
+/// Copies a nameless file's bytes to a new file at `temp`, in place of
+/// any leftover there (holes stay holes where the kernel's copy keeps
+/// them).
 fn copy_to_named(file: &File, temp: &Path) -> std::io::Result<File> {
+    match std::fs::remove_file(temp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let mut copy = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(temp)?;
@@ -372,24 +399,33 @@ fn copy_to_named(file: &File, temp: &Path) -> std::io::Result<File> {
     Ok(copy)
 }
 
-/// Gives a nameless file the name `path`. Where `path` exists (a restore
-/// with `overwrite`), links it under `temp` and renames that over `path`,
-/// so the old file is replaced in one step as with a named temporary.
-fn link_into_place(
-    file: &File,
-    path: &Path,
-    temp: &Path,
-    nameless: &Nameless,
-) -> std::io::Result<()> {
-    match link_fd(file, path, nameless) {
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            // A leftover of an interrupted run may hold the temporary name.
-            let _ = std::fs::remove_file(temp);
-            link_fd(file, temp, nameless)?;
-            std::fs::rename(temp, path)
+/// Renames a complete file from its temporary name to `path`. Without
+/// `overwrite`, an entry that took `path` meanwhile stays (`EEXIST`),
+/// where the file system can tell (`RENAME_NOREPLACE`).
+fn rename_into_place(temp: &Path, path: &Path, overwrite: bool) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    if !overwrite {
+        let from = std::ffi::CString::new(temp.as_os_str().as_bytes())?;
+        let to = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+        // SAFETY: two valid C strings.
+        let r = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if r == 0 {
+            return Ok(());
         }
-        other => other,
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(e);
+        }
     }
+    std::fs::rename(temp, path)
 }
 
 /// `linkat` of an open file to `to`: by descriptor where allowed, else
@@ -460,7 +496,7 @@ enum Created {
     /// Under its temporary name ([`temp_path`]), reopened by that name.
     Named,
     /// Without a name (`O_TMPFILE`): only the handle that created it
-    /// reaches it, and [`link_into_place`] gives it its final name.
+    /// reaches it, and [`place_nameless`] gives it its final name.
     Anonymous,
 }
 
@@ -503,35 +539,31 @@ impl Batch<'_> {
             ));
         }
         let fresh = *created == Created::No;
-        let f = if fresh && keep && node.content.len() == 1 {
-            match open_anonymous(&path, &self.nameless) {
-                Some(f) => {
-                    *created = Created::Anonymous;
-                    f
-                }
-                None => self.open_named(&path, &mut created)?,
-            }
+        let nameless = if fresh && keep && node.content.len() == 1 {
+            open_anonymous(&path, &self.nameless)
         } else {
-            self.open_named(&path, &mut created)?
+            None
+        };
+        let (f, how) = match nameless {
+            Some(f) => (f, Created::Anonymous),
+            None => {
+                let mut o = OpenOptions::new();
+                o.write(true).custom_flags(libc::O_NOFOLLOW);
+                if fresh {
+                    o.create(true).truncate(true).mode(0o600);
+                }
+                // The temporary name is derived again rather than stored: a
+                // path per file held for the whole batch was a tenth of its
+                // memory.
+                (o.open(temp_path(&path))?, Created::Named)
+            }
         };
         if fresh && node.sparse {
-            // Sparse files get their size up front so skipped zeros stay holes.
+            // Sparse files get their size up front so skipped zeros stay
+            // holes. Should that fail, the file counts as not created.
             f.set_len(node.size)?;
         }
-        Ok(f)
-    }
-
-    /// Opens (on first use: creates) a job's file under its temporary name.
-    fn open_named(&self, path: &Path, created: &mut Created) -> std::io::Result<File> {
-        let mut o = OpenOptions::new();
-        o.write(true).custom_flags(libc::O_NOFOLLOW);
-        if *created == Created::No {
-            o.create(true).truncate(true).mode(0o600);
-        }
-        // The temporary name is derived again rather than stored: a path
-        // per file held for the whole batch was a tenth of its memory.
-        let f = o.open(temp_path(path))?;
-        *created = Created::Named;
+        *created = how;
         Ok(f)
     }
 
@@ -543,10 +575,17 @@ impl Batch<'_> {
         let path = self.final_path(j);
         let temp = temp_path(&path);
         let anonymous = *job.created.lock().expect("poisoned") == Created::Anonymous;
-        if job.failed.lock().expect("poisoned").is_some() {
-            if !anonymous {
+        // A nameless file has no temporary name, but an interrupted run
+        // may have left one; in a directory this restore created, nothing.
+        if !anonymous || !e.fresh {
+            if job.failed.lock().expect("poisoned").is_some() {
+                let _ = std::fs::remove_file(&temp);
+                return;
+            }
+            if anonymous {
                 let _ = std::fs::remove_file(&temp);
             }
+        } else if job.failed.lock().expect("poisoned").is_some() {
             return;
         }
         let file = match handle.map_or_else(|| self.open_temp(j, false), Ok) {
@@ -574,17 +613,26 @@ impl Batch<'_> {
             .map(|(what, err)| format!("{}: cannot {what}: {err}", e.display()))
             .collect()
         };
+        let overwrite = self.opts.overwrite;
         let placed = if anonymous {
-            place_nameless(&file, &path, &temp, &self.nameless, apply_meta)
+            place_nameless(&file, &path, &temp, overwrite, &self.nameless, apply_meta)
         } else {
             let w = apply_meta(&file);
             drop(file);
-            std::fs::rename(&temp, &path).map(|()| w)
+            rename_into_place(&temp, &path, overwrite).map(|()| w)
         };
         match placed {
             Ok(w) => self.warnings.lock().expect("poisoned").extend(w),
             Err(err) => {
-                self.fail(j, format!("cannot move into place: {err}"));
+                let reason = if err.kind() == std::io::ErrorKind::AlreadyExists {
+                    "another entry took its place during the restore and was left alone \
+                     (on a case-insensitive file system: a name differing only in case); \
+                     --overwrite replaces it"
+                        .to_string()
+                } else {
+                    format!("cannot move into place: {err}")
+                };
+                self.fail(j, reason);
                 let _ = std::fs::remove_file(&temp);
             }
         }
@@ -1721,7 +1769,8 @@ pub fn dump(repo: &Repository, root: &Id, path: &str, out: &mut dyn std::io::Wri
 
 #[cfg(test)]
 mod tests {
-    //! Nameless files: created without a name, linked into place whole.
+    //! Nameless files: created without a name, placed whole; and the
+    //! named files' rename that replaces nothing without `--overwrite`.
 
     use super::*;
     use std::io::Write;
@@ -1735,43 +1784,69 @@ mod tests {
         v
     }
 
+    fn no_meta(_: &File) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn nameless_with(path: &Path, bytes: &[u8], nameless: &Nameless) -> File {
+        let mut f = open_anonymous(path, nameless).expect("the test file system has O_TMPFILE");
+        f.write_all(bytes).unwrap();
+        f
+    }
+
     #[test]
-    fn a_nameless_file_shows_no_name_until_it_is_linked_into_place() {
+    fn a_nameless_file_shows_no_name_until_it_is_placed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let nameless = Nameless::default();
-        let mut f = open_anonymous(&path, &nameless).expect("the test file system has O_TMPFILE");
-        f.write_all(b"whole").unwrap();
+        let f = nameless_with(&path, b"whole", &nameless);
         assert!(names(dir.path()).is_empty(), "nothing named while written");
-        link_into_place(&f, &path, &temp_path(&path), &nameless).unwrap();
+        place_nameless(&f, &path, &temp_path(&path), false, &nameless, no_meta).unwrap();
         drop(f);
         assert_eq!(names(dir.path()), ["f"]);
         assert_eq!(std::fs::read(&path).unwrap(), b"whole");
     }
 
     #[test]
-    fn a_nameless_file_dropped_before_linking_leaves_nothing_behind() {
+    fn a_nameless_file_dropped_before_it_is_placed_leaves_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
         let nameless = Nameless::default();
-        let mut f = open_anonymous(&dir.path().join("f"), &nameless).unwrap();
-        f.write_all(b"half").unwrap();
-        drop(f);
+        drop(nameless_with(&dir.path().join("f"), b"half", &nameless));
         assert!(names(dir.path()).is_empty());
     }
 
     #[test]
-    fn linking_over_an_existing_file_replaces_it_and_leaves_no_temporary_name() {
+    fn with_overwrite_a_nameless_file_replaces_an_existing_one_and_leaves_no_temporary_name() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, "old").unwrap();
         // A leftover of an interrupted run under the temporary name.
         std::fs::write(temp_path(&path), "stale").unwrap();
         let nameless = Nameless::default();
-        let mut f = open_anonymous(&path, &nameless).unwrap();
-        f.write_all(b"new").unwrap();
-        link_into_place(&f, &path, &temp_path(&path), &nameless).unwrap();
+        let f = nameless_with(&path, b"new", &nameless);
+        place_nameless(&f, &path, &temp_path(&path), true, &nameless, no_meta).unwrap();
         assert_eq!(names(dir.path()), ["f"]);
         assert_eq!(std::fs::read(&path).unwrap(), b"new");
+    }
+
+    #[test]
+    fn without_overwrite_an_entry_that_took_the_name_meanwhile_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, "theirs").unwrap();
+        let nameless = Nameless::default();
+        let f = nameless_with(&path, b"ours", &nameless);
+        let err =
+            place_nameless(&f, &path, &temp_path(&path), false, &nameless, no_meta).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&path).unwrap(), b"theirs");
+        // The same for a file written under its temporary name.
+        std::fs::write(temp_path(&path), "ours").unwrap();
+        let err = rename_into_place(&temp_path(&path), &path, false).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&path).unwrap(), b"theirs");
+        rename_into_place(&temp_path(&path), &path, true).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"ours");
     }
 
     #[test]
@@ -1786,10 +1861,9 @@ mod tests {
             "the test needs /dev/shm and the source tree on different file systems"
         );
         let nameless = Nameless::default();
-        let mut f = open_anonymous(&shm.path().join("f"), &nameless).unwrap();
-        f.write_all(&[7u8; 300_000]).unwrap();
+        let f = nameless_with(&shm.path().join("f"), &[7u8; 300_000], &nameless);
         let path = disk.path().join("f");
-        let err = link_into_place(&f, &path, &temp_path(&path), &nameless).unwrap_err();
+        let err = link_fd(&f, &path, &nameless).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EXDEV));
         // What restore does with it: the copy gets the file's metadata.
         let meta = |file: &File| {
@@ -1799,7 +1873,8 @@ mod tests {
                 .map(|(what, e)| format!("{what}: {e}"))
                 .collect()
         };
-        let warnings = place_nameless(&f, &path, &temp_path(&path), &nameless, meta).unwrap();
+        let warnings =
+            place_nameless(&f, &path, &temp_path(&path), false, &nameless, meta).unwrap();
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(std::fs::read(&path).unwrap(), vec![7u8; 300_000]);
         assert_eq!(names(disk.path()), ["f"]);
@@ -1815,15 +1890,30 @@ mod tests {
     }
 
     #[test]
-    fn linking_through_proc_works_where_a_descriptor_link_is_refused() {
+    fn copying_out_a_nameless_file_whose_temporary_name_links_to_it_keeps_its_bytes() {
+        // A failed rename after linking under the temporary name leaves
+        // that name on the file itself; truncating it would empty the copy.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        // As an unprivileged process finds after its first ENOENT.
+        let nameless = Nameless::default();
+        let f = nameless_with(&path, b"keep me", &nameless);
+        link_fd(&f, &temp_path(&path), &nameless).unwrap();
+        let copy = copy_to_named(&f, &temp_path(&path)).unwrap();
+        drop(copy);
+        assert_eq!(std::fs::read(temp_path(&path)).unwrap(), b"keep me");
+    }
+
+    #[test]
+    fn placing_through_proc_works_where_a_descriptor_link_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        // As an unprivileged process on an older kernel finds after its
+        // first ENOENT.
         let nameless = Nameless::default();
         nameless.via_proc.store(true, Ordering::Relaxed);
-        let mut f = open_anonymous(&path, &nameless).unwrap();
-        f.write_all(b"via proc").unwrap();
-        link_into_place(&f, &path, &temp_path(&path), &nameless).unwrap();
+        let f = nameless_with(&path, b"via proc", &nameless);
+        place_nameless(&f, &path, &temp_path(&path), false, &nameless, no_meta).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"via proc");
+        assert!(!nameless.unsupported.load(Ordering::Relaxed));
     }
 }
