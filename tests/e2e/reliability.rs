@@ -133,10 +133,12 @@ fn survive_kills(
     write_random_file(&src.join("f000.bin"), file_mib << 20, 7);
     let started = Instant::now();
     lb.ok(&["backup", src.to_str().unwrap(), "--tag", "round-0"]);
-    // How long a backup and a prune run, as last seen finishing. A run that
-    // outlives its kill moment shrinks its kind's window to the time it
+    // How long a backup and a prune run, as far as the test can tell. A run
+    // that outlives its kill moment sets its kind's window to the time it
     // really took, so a slow round 0 (a loaded CI host) does not leave
-    // every later kill landing after the run has ended.
+    // every later kill landing after the run has ended; each kill widens
+    // the window a quarter, so kills also reach the ends of runs longer
+    // than first seen (the commit of a snapshot, the end of a prune).
     let mut windows = [started.elapsed(); 2];
     let mut kills = 0;
     let mut reuse_checked = 0;
@@ -163,7 +165,10 @@ fn survive_kills(
                 *window = ran;
                 false
             }
-            None => true,
+            None => {
+                *window += *window / 4;
+                true
+            }
         };
         kills += usize::from(killed);
         let out = lb.run(&["check".as_ref(), "--read-data".as_ref()]);
