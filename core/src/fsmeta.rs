@@ -24,6 +24,59 @@ fn check(ret: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// Renames `from` to `to` unless `to` exists (`EEXIST`); `EINVAL` where
+/// the file system cannot promise that (`renameat2(RENAME_NOREPLACE)`).
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    let (f, t) = (cpath(from)?, cpath(to)?);
+    // SAFETY: two valid NUL-terminated paths.
+    check(unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    })
+}
+
+/// Gives an open file (an `O_TMPFILE` one, say) the name `to`, by its
+/// descriptor (`linkat(AT_EMPTY_PATH)`; older kernels want
+/// `CAP_DAC_READ_SEARCH` and answer `ENOENT` without it).
+pub fn link_fd(file: &std::fs::File, to: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let t = cpath(to)?;
+    // SAFETY: a valid descriptor, an empty C string and a valid path.
+    check(unsafe {
+        libc::linkat(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    })
+}
+
+/// Gives an open file the name `to` through its `/proc/self/fd` entry,
+/// which needs no capability but a mounted /proc. (The one call here that
+/// follows a final symlink: /proc's link to the open file itself.)
+pub fn link_fd_via_proc(file: &std::fs::File, to: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = cpath(Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())))?;
+    let t = cpath(to)?;
+    // SAFETY: two valid NUL-terminated paths.
+    check(unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    })
+}
+
 /// Reads every extended attribute of `path` (not following symlinks), sorted
 /// by name. Filesystems without xattr support yield an empty list.
 pub fn read_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {

@@ -403,74 +403,28 @@ fn copy_to_named(file: &File, temp: &Path) -> std::io::Result<File> {
 /// `overwrite`, an entry that took `path` meanwhile stays (`EEXIST`),
 /// where the file system can tell (`RENAME_NOREPLACE`).
 fn rename_into_place(temp: &Path, path: &Path, overwrite: bool) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
     if !overwrite {
-        let from = std::ffi::CString::new(temp.as_os_str().as_bytes())?;
-        let to = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-        // SAFETY: two valid C strings.
-        let r = unsafe {
-            libc::renameat2(
-                libc::AT_FDCWD,
-                from.as_ptr(),
-                libc::AT_FDCWD,
-                to.as_ptr(),
-                libc::RENAME_NOREPLACE,
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINVAL) {
-            return Err(e);
+        match fsmeta::rename_noreplace(temp, path) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            other => return other,
         }
     }
     std::fs::rename(temp, path)
 }
 
-/// `linkat` of an open file to `to`: by descriptor where allowed, else
-/// through its `/proc/self/fd` entry.
+/// Links an open (nameless) file at `to`: by descriptor where allowed,
+/// else through its `/proc/self/fd` entry.
 fn link_fd(file: &File, to: &Path, nameless: &Nameless) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::ffi::OsStrExt;
-    let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
     if !nameless.via_proc.load(Ordering::Relaxed) {
-        // SAFETY: a valid descriptor, an empty C string and a valid path.
-        let r = unsafe {
-            libc::linkat(
-                file.as_raw_fd(),
-                c"".as_ptr(),
-                libc::AT_FDCWD,
-                to.as_ptr(),
-                libc::AT_EMPTY_PATH,
-            )
-        };
-        if r == 0 {
-            return Ok(());
+        match fsmeta::link_fd(file, to) {
+            // Without CAP_DAC_READ_SEARCH older kernels answer ENOENT.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                nameless.via_proc.store(true, Ordering::Relaxed);
+            }
+            other => return other,
         }
-        let e = std::io::Error::last_os_error();
-        // Without CAP_DAC_READ_SEARCH the kernel answers ENOENT.
-        if e.raw_os_error() != Some(libc::ENOENT) {
-            return Err(e);
-        }
-        nameless.via_proc.store(true, Ordering::Relaxed);
     }
-    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
-    // SAFETY: two valid C strings.
-    let r = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    fsmeta::link_fd_via_proc(file, to)
 }
 
 /// Every place one blob goes in a batch: (file job, offset in the file).
