@@ -529,17 +529,14 @@ impl Batch<'_> {
         let path = self.final_path(j);
         let temp = temp_path(&path);
         let anonymous = *job.created.lock().expect("poisoned") == Created::Anonymous;
-        // A nameless file has no temporary name, but an interrupted run
-        // may have left one; in a directory this restore created, nothing.
-        if !anonymous || !e.fresh {
-            if job.failed.lock().expect("poisoned").is_some() {
-                let _ = std::fs::remove_file(&temp);
-                return;
-            }
-            if anonymous {
-                let _ = std::fs::remove_file(&temp);
-            }
-        } else if job.failed.lock().expect("poisoned").is_some() {
+        let failed = job.failed.lock().expect("poisoned").is_some();
+        // A failed named file's temporary name goes. A nameless file has
+        // none, but outside a directory this restore created an interrupted
+        // run may have left one.
+        if (failed && !anonymous) || (anonymous && !e.fresh) {
+            let _ = std::fs::remove_file(&temp);
+        }
+        if failed {
             return;
         }
         let file = match handle.map_or_else(|| self.open_temp(j, false), Ok) {
@@ -555,7 +552,7 @@ impl Batch<'_> {
             .iter()
             .map(|x| (x.name.0.as_slice(), x.value.0.as_slice()))
             .collect();
-        let apply_meta = |file: &File| -> Vec<String> {
+        let meta = |file: &File| -> Vec<String> {
             fsmeta::apply_to_fd(
                 file,
                 self.is_root.then_some((e.node.uid, e.node.gid)),
@@ -569,9 +566,9 @@ impl Batch<'_> {
         };
         let overwrite = self.opts.overwrite;
         let placed = if anonymous {
-            place_nameless(&file, &path, &temp, overwrite, &self.nameless, apply_meta)
+            place_nameless(&file, &path, &temp, overwrite, &self.nameless, meta)
         } else {
-            let w = apply_meta(&file);
+            let w = meta(&file);
             drop(file);
             rename_into_place(&temp, &path, overwrite).map(|()| w)
         };
