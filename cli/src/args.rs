@@ -100,7 +100,9 @@ pub struct Global {
     /// Print nothing but errors and the result.
     #[arg(short, long, global = true)]
     pub quiet: bool,
-    /// Directory for the local cache (only a cache: safe to delete).
+    /// Directory for the local cache: what files held at the last backup,
+    /// and a copy of the repository's blob index that backups map instead
+    /// of loading (only a cache: safe to delete).
     #[arg(long, global = true, env = "LIFEBOAT_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
 }
@@ -348,7 +350,8 @@ pub struct BackupArgs {
     /// File name for --stdin.
     #[arg(long, default_value = "stdin", requires = "stdin")]
     pub stdin_filename: String,
-    /// Read every file, ignoring the local file cache.
+    /// Ignore the local cache: read every file, and load the blob index
+    /// from the repository into memory.
     #[arg(long)]
     pub no_cache: bool,
     /// Back up a source of the agent's configuration (through the running

@@ -1039,7 +1039,10 @@ fn run(
     let started_at = chrono::Utc::now();
     let clock = std::time::Instant::now();
     let excludes = Excludes::new(&opts.excludes)?;
-    let index = repo.load_index()?;
+    let index = match &opts.cache_dir {
+        Some(dir) => repo.load_index_cached(dir)?,
+        None => repo.load_index()?,
+    };
     let (plans_seen, condemned) = crate::prune::condemned_packs(repo)?;
     let index = index.without_packs(&condemned);
     let cache = match &opts.cache_dir {

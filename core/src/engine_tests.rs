@@ -381,6 +381,108 @@ fn forget_then_prune_frees_space_and_keeps_what_remaining_snapshots_need() {
 }
 
 #[test]
+fn a_cached_index_never_lets_a_backup_reuse_condemned_or_pruned_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    make_tree(&a, 5);
+    make_tree(&b, 6);
+    let repo = Repository::init(
+        Arc::new(LocalBackend::new(tmp.path().join("repo"))),
+        "pw",
+        &opts(),
+    )
+    .unwrap();
+    let cache_tmp = tempfile::tempdir().unwrap();
+    let cache = cache_tmp.path().join("cache");
+    let cached = || crate::index_cache::open(&cache, &repo.config().id).expect("a cache file");
+    let listed = || {
+        let mut ids = repo.list_ids("index").unwrap();
+        ids.sort();
+        ids
+    };
+    // A backup caches the index as it found it (its own index objects are
+    // added by the next backup).
+    let ra = backup_dir(&repo, &a, Some(&cache)).unwrap();
+    let before = listed();
+    backup_dir(&repo, &b, Some(&cache)).unwrap();
+    assert_eq!(
+        cached().covers(),
+        before,
+        "the second backup writes the cache"
+    );
+    let before = listed();
+    backup_dir(&repo, &b, Some(&cache)).unwrap();
+    assert_eq!(cached().covers(), before, "b's index object is folded in");
+    repo.backend()
+        .delete(&format!("snapshots/{}", ra.snapshot_id))
+        .unwrap();
+    let condemn = PruneOptions {
+        grace: std::time::Duration::from_secs(3600),
+        min_pack_age: std::time::Duration::ZERO,
+        ..Default::default()
+    };
+    assert!(prune(&repo, &condemn).unwrap().packs_condemned > 0);
+    // The cache still lists a's packs; the backup must not lean on them.
+    let during = backup_dir(&repo, &a, Some(&cache)).unwrap();
+    assert!(
+        during.snapshot.summary.bytes_added_raw > 6_000_000,
+        "re-uploads instead of reusing condemned data: {:?}",
+        during.snapshot.summary
+    );
+    let execute = PruneOptions {
+        grace: std::time::Duration::ZERO,
+        ..Default::default()
+    };
+    repo.backend()
+        .delete(&format!("snapshots/{}", during.snapshot_id))
+        .unwrap();
+    assert!(prune(&repo, &condemn).unwrap().packs_condemned > 0);
+    assert!(prune(&repo, &execute).unwrap().packs_deleted > 0);
+    // Executed plans are kept for a while and would set a's packs aside on
+    // their own; once they are gone, only the cache's check stands.
+    for plan in repo.list_ids("pending").unwrap() {
+        repo.backend().delete(&format!("pending/{plan}")).unwrap();
+    }
+    let stale = cached();
+    assert!(
+        stale.covers().iter().any(|c| !listed().contains(c)),
+        "prune replaced index objects the cache covers"
+    );
+    // A cache covering deleted index objects is rebuilt, so a's data,
+    // whose packs are gone, is uploaded again.
+    let before_after = listed();
+    let after = backup_dir(&repo, &a, Some(&cache)).unwrap();
+    assert!(
+        after.snapshot.summary.bytes_added_raw > 6_000_000,
+        "re-uploads instead of trusting a stale cache: {:?}",
+        after.snapshot.summary
+    );
+    assert_eq!(cached().covers(), before_after);
+    let c = check(
+        &repo,
+        &CheckOptions {
+            read_data: true,
+            subset_percent: None,
+        },
+    )
+    .unwrap();
+    assert!(c.errors.is_empty(), "{:?}", c.errors);
+    let out = tempfile::tempdir().unwrap();
+    let r = restore(
+        &repo,
+        &after.snapshot.tree,
+        &RestoreOptions {
+            target: out.path().to_path_buf(),
+            verify: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(r.failures.is_empty(), "{r:?}");
+    same_files(&a, &restored_root(out.path(), &a));
+}
+
+#[test]
 fn a_backup_refuses_to_commit_when_a_newer_plan_condemns_a_pack_it_used() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = Repository::init(

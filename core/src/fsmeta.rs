@@ -1,6 +1,7 @@
 //! Thin, safe wrappers over the Linux calls that std does not expose:
 //! extended attributes, device nodes, FIFOs, ownership and nanosecond
-//! timestamps on symlinks, user and group names. Everything here works on a
+//! timestamps on symlinks, user and group names, linking and renaming
+//! without replacing, and a read-only memory map. Everything here works on a
 //! path without following a final symlink, because a backup must record (and
 //! a restore must recreate) the link itself, never what it points to.
 
@@ -56,6 +57,75 @@ pub fn link_fd(file: &std::fs::File, to: &Path) -> io::Result<()> {
             libc::AT_EMPTY_PATH,
         )
     })
+}
+
+/// A read-only, private memory map of a whole file that no one modifies
+/// (the caller's promise: the index cache is written under a temporary name
+/// and renamed, never changed in place). Pages are read on first touch and
+/// are the kernel's to drop again, so a large map costs page cache, not
+/// process memory.
+pub struct Mapped {
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned by this value alone.
+unsafe impl Send for Mapped {}
+// SAFETY: as above; shared access only reads.
+unsafe impl Sync for Mapped {}
+
+impl Mapped {
+    /// Maps the first `len` bytes of `file` (non-zero, at most its size),
+    /// advising random access: lookups touch one or two pages each, and
+    /// read-ahead would only pull in pages no one asked for.
+    pub fn new(file: &std::fs::File, len: usize) -> io::Result<Mapped> {
+        use std::os::fd::AsRawFd;
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty map"));
+        }
+        // SAFETY: a fresh mapping of a valid descriptor; the kernel picks
+        // the address.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the range just mapped. Advice is only a hint.
+        unsafe { libc::madvise(ptr, len, libc::MADV_RANDOM) };
+        Ok(Mapped {
+            ptr: ptr as *const u8,
+            len,
+        })
+    }
+}
+
+impl std::ops::Deref for Mapped {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `len` readable bytes live at `ptr` until drop.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
+impl std::fmt::Debug for Mapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Mapped({} bytes)", self.len)
+    }
 }
 
 /// Gives an open file the name `to` through its `/proc/self/fd` entry,

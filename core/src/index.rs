@@ -1,14 +1,19 @@
 //! The blob index: which pack holds each blob, and where.
 //!
 //! Index objects (`index/<id>`) are written by every backup after its packs
-//! and before its snapshot, and merged by prune. In memory the whole index is
-//! one hash map from blob ID to a 16-byte location plus a table of packs, so a
-//! lookup is one probe. (Issue 3 revisits the per-blob memory.)
+//! and before its snapshot, and merged by prune. Loaded, the index is one or
+//! more sorted runs of 48-byte records (blob ID and location) plus a table of
+//! packs. A backup with a cache directory maps the bulk of it from the index
+//! cache file (`index_cache`) rather than holding it in memory, so the index
+//! of a large repository costs page cache the kernel can reclaim, not
+//! process memory.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::fsmeta::Mapped;
 use crate::id::Id;
 use crate::pack::{BlobKind, PackEntry};
 
@@ -71,14 +76,33 @@ pub struct PackInfo {
 #[derive(Debug, Default)]
 pub struct IndexBuilder {
     entries: Vec<(Id, BlobLocation)>,
+    /// The packs of the base index, then the packs added here.
     packs: Vec<PackInfo>,
+    /// Positions of the packs added here (base packs are found in
+    /// `base.by_id`).
     pack_pos: HashMap<Id, u32>,
+    /// The index this one adds to ([`IndexBuilder::over`]).
+    base: Option<Index>,
+    /// The index objects added by ID.
+    covers: Vec<Id>,
 }
 
 impl IndexBuilder {
     /// An empty builder.
     pub fn new() -> IndexBuilder {
         IndexBuilder::default()
+    }
+
+    /// A builder whose index adds to `base` (a cached index): base blobs
+    /// keep their records, base packs their positions, and a listing of a
+    /// base pack (a lock extension) updates that pack's retention.
+    pub fn over(mut base: Index) -> IndexBuilder {
+        IndexBuilder {
+            packs: std::mem::take(&mut base.packs),
+            covers: base.covers.clone(),
+            base: Some(base),
+            ..IndexBuilder::default()
+        }
     }
 
     /// Adds every pack of an index object.
@@ -88,10 +112,36 @@ impl IndexBuilder {
         }
     }
 
+    /// Adds every pack of the index object `id`, and records that the index
+    /// covers that object (what the index cache is keyed on).
+    pub fn add_object(&mut self, id: Id, file: &IndexFile) {
+        self.add_file(file);
+        self.covers.push(id);
+    }
+
+    /// True when the index object `id` is in the base this builder adds
+    /// to (so loading it again is not needed).
+    pub fn covers(&self, id: &Id) -> bool {
+        self.base
+            .as_ref()
+            .is_some_and(|b| b.covers.binary_search(id).is_ok())
+    }
+
+    fn position_of(&self, pack: &Id) -> Option<u32> {
+        if let Some(&pos) = self.pack_pos.get(pack) {
+            return Some(pos);
+        }
+        let by_id = &self.base.as_ref()?.by_id;
+        by_id
+            .binary_search_by(|&pos| self.packs[pos as usize].id.cmp(pack))
+            .ok()
+            .map(|i| by_id[i])
+    }
+
     /// Adds one pack.
     pub fn add_pack(&mut self, pack: &IndexPack) {
-        let pos = match self.pack_pos.get(&pack.id) {
-            Some(&pos) => {
+        let pos = match self.position_of(&pack.id) {
+            Some(pos) => {
                 // The same pack in several index objects (a lock extension,
                 // a consolidation racing a backup): every listing counts,
                 // so a forged listing with fewer blobs cannot hide any
@@ -131,47 +181,186 @@ impl IndexBuilder {
     /// repacking; either copy is valid, and dropping one would make the
     /// other invisible once its pack is set aside by `without_packs`).
     pub fn build(mut self) -> Index {
-        self.entries
-            .sort_unstable_by_key(|(id, l)| (*id, l.pack, l.offset, l.length, l.raw_length));
+        self.entries.sort_unstable_by_key(record_key);
         self.entries.dedup();
         self.entries.shrink_to_fit();
-        // buckets[b] = first entry whose ID starts with the 16 bits b.
         let mut buckets = vec![0u32; BUCKETS + 1];
-        let mut e = 0usize;
-        for (b, slot) in buckets.iter_mut().enumerate() {
-            while e < self.entries.len() && bucket_of(&self.entries[e].0) < b {
-                e += 1;
-            }
-            *slot = e as u32;
+        fill_buckets(&mut buckets, self.entries.len(), |e| {
+            bucket_of(&self.entries[e].0)
+        });
+        let mut runs = Vec::new();
+        if let Some(base) = self.base {
+            runs = base.runs;
         }
+        if !self.entries.is_empty() || runs.is_empty() {
+            runs.push(Run {
+                records: Records::Owned(self.entries),
+                buckets,
+            });
+        }
+        let mut by_id: Vec<u32> = (0..self.packs.len() as u32).collect();
+        by_id.sort_unstable_by_key(|&pos| self.packs[pos as usize].id);
+        self.covers.sort_unstable();
+        self.covers.dedup();
         Index {
-            entries: self.entries,
+            runs,
+            set_aside: vec![false; self.packs.len()],
             packs: self.packs,
-            buckets,
+            by_id,
+            covers: self.covers,
         }
+    }
+}
+
+/// The order records are sorted in: by blob ID, then by location (so that
+/// repeats are adjacent and dropped).
+pub(crate) fn record_key(r: &(Id, BlobLocation)) -> (Id, u32, u32, u32, u32) {
+    let (id, l) = r;
+    (*id, l.pack, l.offset, l.length, l.raw_length)
+}
+
+/// Fills `buckets[b]` with the first of `len` records whose ID starts with
+/// the 16 bits `b` (`bucket(i)` is record i's bucket; records sorted).
+pub(crate) fn fill_buckets(buckets: &mut [u32], len: usize, bucket: impl Fn(usize) -> usize) {
+    let mut e = 0usize;
+    for (b, slot) in buckets.iter_mut().enumerate() {
+        while e < len && bucket(e) < b {
+            e += 1;
+        }
+        *slot = e as u32;
     }
 }
 
 /// Number of buckets of the lookup table: one per value of an ID's first
 /// 16 bits (IDs are uniform hashes, so buckets are even).
-const BUCKETS: usize = 1 << 16;
+pub(crate) const BUCKETS: usize = 1 << 16;
 
-fn bucket_of(id: &Id) -> usize {
+/// The bucket of an ID: its first 16 bits.
+pub(crate) fn bucket_of(id: &Id) -> usize {
     u16::from_be_bytes([id.0[0], id.0[1]]) as usize
 }
 
-/// The merged in-memory index: one sorted array of (blob ID, location),
-/// 48 bytes per blob with no per-entry overhead (a hash map costs half as
-/// much again in empty slots and control bytes). A fixed 256 KiB table of
-/// where each 16-bit prefix starts narrows a lookup to one small, cache-local
-/// range before the binary search (a plain binary search over millions of
-/// entries was a cache miss per step, and a fifth of an unchanged
-/// re-backup of a million files).
+/// Bytes of one record in the index cache file: blob ID, then pack
+/// position, offset, frame length and plaintext length (little-endian u32).
+pub(crate) const RECORD: usize = 48;
+
+/// Where a run's records live.
+#[derive(Debug, Clone)]
+pub(crate) enum Records {
+    /// Sorted in memory.
+    Owned(Vec<(Id, BlobLocation)>),
+    /// Mapped from a verified index cache file: `count` records of
+    /// [`RECORD`] bytes from byte `start`.
+    Mapped {
+        /// The whole file.
+        map: Arc<Mapped>,
+        /// Offset of the first record.
+        start: usize,
+        /// Number of records.
+        count: usize,
+    },
+}
+
+/// One sorted run of (blob ID, location) records with its bucket table.
+#[derive(Debug, Clone)]
+pub(crate) struct Run {
+    pub(crate) records: Records,
+    /// `buckets[b]` = first record whose ID starts with the 16 bits b.
+    pub(crate) buckets: Vec<u32>,
+}
+
+impl Run {
+    pub(crate) fn len(&self) -> usize {
+        match &self.records {
+            Records::Owned(v) => v.len(),
+            Records::Mapped { count, .. } => *count,
+        }
+    }
+
+    fn raw(map: &[u8], start: usize, i: usize) -> &[u8] {
+        &map[start + i * RECORD..start + (i + 1) * RECORD]
+    }
+
+    pub(crate) fn id(&self, i: usize) -> &[u8; 32] {
+        match &self.records {
+            Records::Owned(v) => &v[i].0 .0,
+            Records::Mapped { map, start, .. } => Self::raw(map, *start, i)[..32]
+                .try_into()
+                .expect("32 bytes"),
+        }
+    }
+
+    pub(crate) fn record(&self, i: usize) -> (Id, BlobLocation) {
+        match &self.records {
+            Records::Owned(v) => v[i],
+            Records::Mapped { map, start, .. } => decode_record(Self::raw(map, *start, i)),
+        }
+    }
+
+    /// The records whose ID is `id`.
+    fn find(&self, id: &Id) -> std::ops::Range<usize> {
+        let b = bucket_of(id);
+        let (mut lo, mut hi) = (self.buckets[b] as usize, self.buckets[b + 1] as usize);
+        // The first record not below `id` (a partition point).
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if self.id(mid) < &id.0 {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let mut end = lo;
+        while end < self.len() && self.id(end) == &id.0 {
+            end += 1;
+        }
+        lo..end
+    }
+}
+
+/// Decodes one [`RECORD`]-byte record.
+pub(crate) fn decode_record(r: &[u8]) -> (Id, BlobLocation) {
+    let word = |i: usize| u32::from_le_bytes(r[32 + 4 * i..36 + 4 * i].try_into().expect("4"));
+    (
+        Id(r[..32].try_into().expect("32 bytes")),
+        BlobLocation {
+            pack: word(0),
+            offset: word(1),
+            length: word(2),
+            raw_length: word(3),
+        },
+    )
+}
+
+/// Encodes one record as [`RECORD`] bytes.
+pub(crate) fn encode_record(id: &Id, l: &BlobLocation, out: &mut Vec<u8>) {
+    out.extend_from_slice(&id.0);
+    for w in [l.pack, l.offset, l.length, l.raw_length] {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+}
+
+/// The merged index: sorted runs of (blob ID, location), 48 bytes per blob
+/// with no per-entry overhead (a hash map costs half as much again in empty
+/// slots and control bytes). A fixed 256 KiB table per run of where each
+/// 16-bit prefix starts narrows a lookup to one small, cache-local range
+/// before the binary search (a plain binary search over millions of entries
+/// was a cache miss per step, and a fifth of an unchanged re-backup of a
+/// million files).
+///
+/// A backup with a cache directory maps its first run from the index cache
+/// file (see `index_cache`) instead of holding it in memory, and adds the
+/// index objects written since in a second, in-memory run.
 #[derive(Debug, Clone)]
 pub struct Index {
-    entries: Vec<(Id, BlobLocation)>,
+    runs: Vec<Run>,
     packs: Vec<PackInfo>,
-    buckets: Vec<u32>,
+    /// Pack positions in pack ID order.
+    by_id: Vec<u32>,
+    /// Per pack: set aside by [`Index::without_packs`].
+    set_aside: Vec<bool>,
+    /// The index objects this index was built from, sorted.
+    covers: Vec<Id>,
 }
 
 impl Default for Index {
@@ -186,13 +375,35 @@ impl Index {
         Index::default()
     }
 
-    fn position(&self, id: &Id) -> Option<usize> {
-        let b = bucket_of(id);
-        let (start, end) = (self.buckets[b] as usize, self.buckets[b + 1] as usize);
-        self.entries[start..end]
-            .binary_search_by(|e| e.0.cmp(id))
-            .ok()
-            .map(|i| start + i)
+    /// An index of one run (from the index cache file).
+    pub(crate) fn from_parts(run: Run, packs: Vec<PackInfo>, covers: Vec<Id>) -> Index {
+        let mut by_id: Vec<u32> = (0..packs.len() as u32).collect();
+        by_id.sort_unstable_by_key(|&pos| packs[pos as usize].id);
+        Index {
+            runs: vec![run],
+            set_aside: vec![false; packs.len()],
+            packs,
+            by_id,
+            covers,
+        }
+    }
+
+    /// The runs, oldest first.
+    pub(crate) fn runs(&self) -> &[Run] {
+        &self.runs
+    }
+
+    /// The index objects this index was built from (empty unless built with
+    /// [`IndexBuilder::add_object`]), sorted.
+    pub fn covers(&self) -> &[Id] {
+        &self.covers
+    }
+
+    /// Every record, run by run (each run in ID order).
+    fn records(&self) -> impl Iterator<Item = (Id, BlobLocation)> + '_ {
+        self.runs
+            .iter()
+            .flat_map(|run| (0..run.len()).map(move |i| run.record(i)))
     }
 
     /// The index records of the packs at `positions` (blobs in offset
@@ -200,13 +411,9 @@ impl Index {
     /// it extends those packs' Object Lock.
     pub fn index_packs(&self, positions: &std::collections::HashSet<u32>) -> Vec<IndexPack> {
         let mut blobs: HashMap<u32, Vec<PackEntry>> = HashMap::new();
-        for (id, loc) in self
-            .entries
-            .iter()
-            .filter(|e| positions.contains(&e.1.pack))
-        {
+        for (id, loc) in self.records().filter(|e| positions.contains(&e.1.pack)) {
             blobs.entry(loc.pack).or_default().push(PackEntry {
-                id: *id,
+                id,
                 offset: loc.offset,
                 length: loc.length,
                 raw_length: loc.raw_length,
@@ -216,6 +423,7 @@ impl Index {
             .into_iter()
             .map(|(pos, mut blobs)| {
                 blobs.sort_by_key(|b| b.offset);
+                blobs.dedup();
                 let info = &self.packs[pos as usize];
                 IndexPack {
                     locked_until: info.locked_until,
@@ -230,17 +438,19 @@ impl Index {
         out
     }
 
-    /// Where a blob is.
+    /// Where a blob is (in a pack not set aside).
     pub fn get(&self, id: &Id) -> Option<(&PackInfo, BlobLocation)> {
-        self.position(id).map(|i| {
-            let loc = self.entries[i].1;
-            (&self.packs[loc.pack as usize], loc)
+        self.runs.iter().find_map(|run| {
+            run.find(id)
+                .map(|i| run.record(i).1)
+                .find(|l| !self.set_aside[l.pack as usize])
+                .map(|l| (&self.packs[l.pack as usize], l))
         })
     }
 
-    /// True when the blob is stored.
+    /// True when the blob is stored (in a pack not set aside).
     pub fn contains(&self, id: &Id) -> bool {
-        self.position(id).is_some()
+        self.get(id).is_some()
     }
 
     /// Every pack.
@@ -253,45 +463,26 @@ impl Index {
         &self.packs[pos as usize]
     }
 
-    /// Number of blob locations (a blob stored twice counts twice).
+    /// Number of blob records (a blob stored twice counts twice, and
+    /// records in packs set aside count too).
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.runs.iter().map(Run::len).sum()
     }
 
     /// True when empty.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len() == 0
     }
 
-    /// A copy without the given packs (used to ignore packs that a pending
-    /// prune has condemned, so new backups do not reuse their blobs).
-    pub fn without_packs(self, condemned: &std::collections::HashSet<Id>) -> Index {
-        if condemned.is_empty() {
-            return self;
+    /// The same index with the given packs set aside: lookups no longer
+    /// find blobs there (used to ignore packs that a pending prune has
+    /// condemned, so new backups do not reuse their blobs). Records are
+    /// kept, so this costs nothing per blob.
+    pub fn without_packs(mut self, condemned: &std::collections::HashSet<Id>) -> Index {
+        for (info, aside) in self.packs.iter().zip(self.set_aside.iter_mut()) {
+            *aside |= condemned.contains(&info.id);
         }
-        let mut b = IndexBuilder::new();
-        let mut by_pack: HashMap<u32, Vec<PackEntry>> = HashMap::new();
-        for (id, loc) in &self.entries {
-            by_pack.entry(loc.pack).or_default().push(PackEntry {
-                id: *id,
-                offset: loc.offset,
-                length: loc.length,
-                raw_length: loc.raw_length,
-            });
-        }
-        for (pos, info) in self.packs.iter().enumerate() {
-            if condemned.contains(&info.id) {
-                continue;
-            }
-            b.add_pack(&IndexPack {
-                locked_until: info.locked_until,
-                id: info.id,
-                kind: info.kind,
-                size: info.size,
-                blobs: by_pack.remove(&(pos as u32)).unwrap_or_default(),
-            });
-        }
-        b.build()
+        self
     }
 }
 
@@ -375,7 +566,11 @@ mod tests {
         assert!(pack.id == Id::of_bytes(b"p1") || pack.id == Id::of_bytes(b"p2"));
         assert!(idx.get(&Id::of_bytes(&[9])).is_none());
         let without = idx.without_packs(&[Id::of_bytes(b"p1")].into_iter().collect());
-        assert_eq!(without.len(), 2);
+        assert!(
+            !without.contains(&Id::of_bytes(&[1])),
+            "blob 1 was only in p1"
+        );
+        assert!(without.contains(&Id::of_bytes(&[3])));
         assert_eq!(
             without.get(&Id::of_bytes(&[2])).unwrap().0.id,
             Id::of_bytes(b"p2")

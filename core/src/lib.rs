@@ -16,6 +16,7 @@ mod error;
 mod fsmeta;
 mod id;
 mod index;
+mod index_cache;
 mod pack;
 mod parallel;
 pub mod prune;
@@ -35,6 +36,7 @@ pub mod internals {
     pub use crate::chunker::Chunker;
     pub use crate::crypto::{MasterKey, Recipients};
     pub use crate::index::{IndexBuilder, IndexFile, IndexPack};
+    pub use crate::index_cache::{open as open_index_cache, write as write_index_cache};
     pub use crate::pack::{
         decode_blob, parse_pack, raw_frame, BlobEncoder, BlobKind, PackBuilder, PackEntry,
     };

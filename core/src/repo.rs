@@ -22,6 +22,7 @@
 //! of its bytes, so a retried write is a no-op and nothing is ever rewritten.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use serde::de::DeserializeOwned;
@@ -856,22 +857,70 @@ impl Repository {
 
     /// Loads every index object into one in-memory index.
     pub fn load_index(&self) -> Result<Index> {
+        self.load_index_over(None)
+    }
+
+    /// Loads the index through the index cache file under `cache_dir`
+    /// (`index_cache`): the cached index is mapped rather than held in
+    /// memory and only the index objects written since are loaded (into
+    /// memory, on top of it); the file is rebuilt when a prune removed
+    /// objects it covers, and rewritten once the objects loaded on top are
+    /// an eighth of it. A cache that cannot be read or written only costs
+    /// time (the reason is logged).
+    pub fn load_index_cached(&self, cache_dir: &Path) -> Result<Index> {
+        let repo_id = &self.config().id;
+        let cached = crate::index_cache::open(cache_dir, repo_id);
+        let index = self.load_index_over(cached)?;
+        let runs = index.runs();
+        let mapped =
+            |run: &crate::index::Run| matches!(run.records, crate::index::Records::Mapped { .. });
+        let fold = match runs {
+            [base] => !mapped(base) && base.len() > 0,
+            [base, added] => !mapped(base) || added.len() > base.len() / 8,
+            _ => true,
+        };
+        if !fold {
+            return Ok(index);
+        }
+        match crate::index_cache::write(cache_dir, repo_id, &index) {
+            Ok(mapped) => Ok(mapped),
+            Err(e) => {
+                log::warn!("{e}; this backup keeps the index in memory");
+                Ok(index)
+            }
+        }
+    }
+
+    /// Loads every index object not covered by `base` on top of it (all of
+    /// them without a base, or when an object `base` covers is gone).
+    fn load_index_over(&self, base: Option<Index>) -> Result<Index> {
         // A prune may replace index objects while we read them: it writes the
         // consolidated index before deleting the old objects, so listing
         // again finds everything.
+        let mut base = base;
         let mut attempt = 0;
         loop {
             let ids = self.list_ids("index")?;
+            let listed: std::collections::HashSet<Id> = ids.iter().copied().collect();
+            // (Taken, not cloned: a retry after an object vanished, which
+            // only a prune causes, loads everything.)
+            let builder = match base.take() {
+                Some(b) if b.covers().iter().all(|c| listed.contains(c)) => {
+                    crate::index::IndexBuilder::over(b)
+                }
+                _ => crate::index::IndexBuilder::new(),
+            };
+            let ids: Vec<Id> = ids.into_iter().filter(|id| !builder.covers(id)).collect();
             // Each index object is merged as soon as it is parsed, so the
             // parsed objects are never all in memory at once.
-            let builder = Mutex::new(crate::index::IndexBuilder::new());
+            let builder = Mutex::new(builder);
             let results =
                 crate::parallel::map(ids, crate::parallel::io_threads(self.backend()), |id| {
                     let file = self.load_json::<IndexFile>("index", &id)?;
                     builder
                         .lock()
                         .expect("index builder poisoned")
-                        .add_file(&file);
+                        .add_object(id, &file);
                     Ok::<(), Error>(())
                 });
             let mut vanished = false;
