@@ -580,6 +580,8 @@ fn read_file(
 
 /// A file handed to the file workers.
 struct FileJob {
+    /// The pending directory the file is in, and its place there.
+    dir: usize,
     slot: usize,
     path: PathBuf,
     meta: Metadata,
@@ -588,14 +590,27 @@ struct FileJob {
 
 /// A file worker's answer.
 struct FileDone {
+    dir: usize,
     slot: usize,
     result: Result<Result<FileRead, String>>,
 }
 
 fn file_worker(storer: &Storer<'_, '_>, rx: Receiver<FileJob>) {
     for job in rx {
-        let result = read_file(storer, &job.path, &job.meta);
+        // Every job is answered, even if reading panics: the walker waits
+        // for each answer (holding a sender itself, it would not see the
+        // channel close).
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            read_file(storer, &job.path, &job.meta)
+        }))
+        .unwrap_or_else(|_| {
+            Err(Error::Invalid(format!(
+                "{}: reading the file failed unexpectedly (a bug in lifeboat)",
+                job.path.display()
+            )))
+        });
         let _ = job.reply.send(FileDone {
+            dir: job.dir,
             slot: job.slot,
             result,
         });
@@ -607,6 +622,42 @@ struct Ticket {
     path: PathBuf,
     meta: Metadata,
     cached: bool,
+}
+
+/// A directory whose tree cannot be stored yet: files of it are still
+/// being read, or subdirectories' trees are not stored yet. The walker
+/// goes on to the next directory meanwhile (waiting at the end of each
+/// directory left the file workers idle while it listed the next one), and
+/// the tree is stored as soon as the last of these arrives.
+struct Pending {
+    /// The directory's entries in name order (`None`: skipped).
+    nodes: Vec<Option<Node>>,
+    /// Files being read, by slot.
+    tickets: HashMap<usize, Ticket>,
+    /// Subdirectories whose trees are not stored yet.
+    open_dirs: usize,
+    /// Every entry has been visited.
+    listed: bool,
+    /// Where the stored tree goes.
+    parent: Parent,
+}
+
+/// Who waits for a pending directory.
+#[derive(Clone, Copy)]
+enum Parent {
+    /// The node at `slot` of pending directory `dir` (its `subtree`).
+    Dir { dir: usize, slot: usize },
+    /// [`Walker::nodes_for`], which takes the nodes themselves.
+    Top,
+}
+
+/// What a new node still waits for.
+enum Waiting {
+    Nothing,
+    /// Its content, from a file worker.
+    File(Box<Ticket>),
+    /// Its subtree: the pending directory's tree.
+    Dir,
 }
 
 /// The walker: everything the calling thread owns during a backup.
@@ -621,6 +672,13 @@ struct Walker<'a, 'r> {
     hardlinks: HashMap<(u64, u64), Vec<Id>>,
     progress: &'a Progress,
     started: std::time::SystemTime,
+    /// Directories whose trees are not stored yet, by number.
+    pending: HashMap<usize, Pending>,
+    next_dir: usize,
+    /// The file workers' answers, for every pending directory.
+    replies: (Sender<FileDone>, Receiver<FileDone>),
+    /// The nodes of the finished [`Parent::Top`] directory.
+    top: Option<Vec<Node>>,
 }
 
 fn mtime_ns(m: &Metadata) -> i64 {
@@ -686,17 +744,19 @@ impl<'a, 'r> Walker<'a, 'r> {
         }
     }
 
-    /// Builds the node for one entry; `None` when it is skipped. A regular
-    /// file that must be read is handed to the file workers: its node comes
-    /// back with a [`Ticket`] and gets its content in [`Walker::collect`].
+    /// Builds the node for one entry, at `slot` of pending directory `dir`;
+    /// `None` when it is skipped. A regular file that must be read is
+    /// handed to the file workers: its node comes back with a [`Ticket`]
+    /// and gets its content in [`Walker::answer`]. A subdirectory whose tree
+    /// waits for files gets its subtree in [`Walker::finish`].
     fn node(
         &mut self,
         path: &Path,
         name: &[u8],
         root_dev: u64,
+        dir: usize,
         slot: usize,
-        reply: &Sender<FileDone>,
-    ) -> Result<Option<(Node, Option<Ticket>)>> {
+    ) -> Result<Option<(Node, Waiting)>> {
         self.check_workers()?;
         self.progress.check_cancel()?;
         let m = match std::fs::symlink_metadata(path) {
@@ -709,16 +769,22 @@ impl<'a, 'r> Walker<'a, 'r> {
         self.progress.files.fetch_add(1, Ordering::Relaxed);
         let ft = m.file_type();
         let mut node;
-        let mut ticket = None;
+        let mut waiting = Waiting::Nothing;
         if ft.is_dir() {
             node = self.base_node(name, NodeKind::Dir, &m);
             self.summary.dirs += 1;
-            let tree = if self.one_file_system && m.dev() != root_dev {
-                Tree::default()
+            if self.one_file_system && m.dev() != root_dev {
+                let tree = Tree::default();
+                node.subtree = Some(self.store_blob(BlobKind::Tree, tree.to_bytes())?);
             } else {
-                self.dir_tree(path, root_dev)?
-            };
-            node.subtree = Some(self.store_blob(BlobKind::Tree, tree.to_bytes())?);
+                let sub = self.open_dir(Parent::Dir { dir, slot });
+                let children = self.children(path, root_dev);
+                self.walk(sub, children)?;
+                match self.seal(sub)? {
+                    Some(id) => node.subtree = Some(id),
+                    None => waiting = Waiting::Dir,
+                }
+            }
         } else if ft.is_file() {
             node = self.base_node(name, NodeKind::File, &m);
             node.sparse = m.blocks() * 512 < m.size() && m.size() > 0;
@@ -745,10 +811,11 @@ impl<'a, 'r> Walker<'a, 'r> {
                 }
                 Cached::Miss { cached } => {
                     let job = FileJob {
+                        dir,
                         slot,
                         path: path.to_path_buf(),
                         meta: m.clone(),
-                        reply: reply.clone(),
+                        reply: self.replies.0.clone(),
                     };
                     let files = self.files.as_ref().expect("file workers run while walking");
                     if files.send(job).is_err() {
@@ -756,11 +823,11 @@ impl<'a, 'r> Walker<'a, 'r> {
                             "backup file readers stopped unexpectedly".into(),
                         ));
                     }
-                    ticket = Some(Ticket {
+                    waiting = Waiting::File(Box::new(Ticket {
                         path: path.to_path_buf(),
                         meta: m.clone(),
                         cached,
-                    });
+                    }));
                 }
             }
         } else if ft.is_symlink() {
@@ -790,7 +857,7 @@ impl<'a, 'r> Walker<'a, 'r> {
             self.summary.others += 1;
         }
         node.xattrs = self.xattrs(path);
-        Ok(Some((node, ticket)))
+        Ok(Some((node, waiting)))
     }
 
     /// The content of a regular file from the cache (or from an earlier
@@ -899,56 +966,137 @@ impl<'a, 'r> Walker<'a, 'r> {
         Ok(Some((read.ids, read.size)))
     }
 
-    /// Waits for the file workers' answers for one directory and fills in
-    /// (or drops) the pending nodes.
-    fn collect(
-        &mut self,
-        nodes: &mut [Option<Node>],
-        mut tickets: HashMap<usize, Ticket>,
-        replies: Receiver<FileDone>,
-    ) -> Result<()> {
-        while !tickets.is_empty() {
-            let done = replies
-                .recv()
-                .map_err(|_| Error::Invalid("backup file readers stopped unexpectedly".into()))?;
-            let Some(t) = tickets.remove(&done.slot) else {
+    /// Starts a pending directory.
+    fn open_dir(&mut self, parent: Parent) -> usize {
+        let dir = self.next_dir;
+        self.next_dir += 1;
+        self.pending.insert(
+            dir,
+            Pending {
+                nodes: Vec::new(),
+                tickets: HashMap::new(),
+                open_dirs: 0,
+                listed: false,
+                parent,
+            },
+        );
+        dir
+    }
+
+    fn pending(&mut self, dir: usize) -> &mut Pending {
+        self.pending.get_mut(&dir).expect("a pending directory")
+    }
+
+    /// Visits `children` (name, path, device of the walk's root) into
+    /// pending directory `dir`, booking the file workers' answers as they
+    /// come.
+    fn walk(&mut self, dir: usize, children: Vec<(Vec<u8>, PathBuf, u64)>) -> Result<()> {
+        for (name, path, root_dev) in children {
+            let slot = self.pending(dir).nodes.len();
+            let Some((node, waiting)) = self.node(&path, &name, root_dev, dir, slot)? else {
                 continue;
             };
-            match self.finish_read(&t.path, &t.meta, t.cached, done.result)? {
-                Some((content, size)) => {
-                    if let Some(node) = nodes[done.slot].as_mut() {
-                        node.content = content;
-                        node.size = size;
-                    }
+            let p = self.pending(dir);
+            p.nodes.push(Some(node));
+            match waiting {
+                Waiting::Nothing => {}
+                Waiting::File(t) => {
+                    p.tickets.insert(slot, *t);
                 }
-                None => nodes[done.slot] = None,
+                Waiting::Dir => p.open_dirs += 1,
+            }
+            while let Ok(done) = self.replies.1.try_recv() {
+                self.answer(done)?;
             }
         }
         Ok(())
     }
 
-    /// Builds nodes for `children` (name, path) of one directory, reading
-    /// files in parallel.
-    fn nodes_for(&mut self, children: Vec<(Vec<u8>, PathBuf, u64)>) -> Result<Vec<Node>> {
-        let (reply_tx, reply_rx) = crossbeam_channel::unbounded();
-        let mut nodes: Vec<Option<Node>> = Vec::with_capacity(children.len());
-        let mut tickets = HashMap::new();
-        for (name, path, root_dev) in children {
-            let slot = nodes.len();
-            if let Some((node, ticket)) = self.node(&path, &name, root_dev, slot, &reply_tx)? {
-                if let Some(t) = ticket {
-                    tickets.insert(slot, t);
-                }
-                nodes.push(Some(node));
-            }
+    /// Marks pending directory `dir` fully visited. Returns its tree's ID
+    /// when nothing is outstanding (the caller places it); otherwise the
+    /// tree is stored, and placed, by [`Walker::finish`] later.
+    fn seal(&mut self, dir: usize) -> Result<Option<Id>> {
+        let p = self.pending(dir);
+        p.listed = true;
+        if !p.tickets.is_empty() || p.open_dirs > 0 {
+            return Ok(None);
         }
-        drop(reply_tx);
-        self.collect(&mut nodes, tickets, reply_rx)?;
-        Ok(nodes.into_iter().flatten().collect())
+        let p = self.pending.remove(&dir).expect("a pending directory");
+        let nodes: Vec<Node> = p.nodes.into_iter().flatten().collect();
+        match p.parent {
+            Parent::Top => {
+                self.top = Some(nodes);
+                Ok(None)
+            }
+            Parent::Dir { .. } => Ok(Some(
+                self.store_blob(BlobKind::Tree, Tree { nodes }.to_bytes())?,
+            )),
+        }
     }
 
-    /// The tree of a directory and everything below it.
-    fn dir_tree(&mut self, path: &Path, root_dev: u64) -> Result<Tree> {
+    /// Books a file worker's answer into its node.
+    fn answer(&mut self, done: FileDone) -> Result<()> {
+        let Some(t) = self.pending(done.dir).tickets.remove(&done.slot) else {
+            return Ok(());
+        };
+        let read = self.finish_read(&t.path, &t.meta, t.cached, done.result)?;
+        let nodes = &mut self.pending(done.dir).nodes;
+        match read {
+            Some((content, size)) => {
+                if let Some(node) = nodes[done.slot].as_mut() {
+                    node.content = content;
+                    node.size = size;
+                }
+            }
+            None => nodes[done.slot] = None,
+        }
+        self.finish(done.dir)
+    }
+
+    /// Stores the tree of `dir` if it was sealed and nothing is outstanding,
+    /// then does the same for its parent, which it completes.
+    fn finish(&mut self, mut dir: usize) -> Result<()> {
+        loop {
+            let p = self.pending(dir);
+            if !p.listed || !p.tickets.is_empty() || p.open_dirs > 0 {
+                return Ok(());
+            }
+            let p = self.pending.remove(&dir).expect("a pending directory");
+            let nodes: Vec<Node> = p.nodes.into_iter().flatten().collect();
+            let Parent::Dir { dir: up, slot } = p.parent else {
+                self.top = Some(nodes);
+                return Ok(());
+            };
+            let id = self.store_blob(BlobKind::Tree, Tree { nodes }.to_bytes())?;
+            let parent = self.pending(up);
+            if let Some(node) = parent.nodes[slot].as_mut() {
+                node.subtree = Some(id);
+            }
+            parent.open_dirs -= 1;
+            dir = up;
+        }
+    }
+
+    /// Builds nodes for `children` (name, path, device of the walk's root)
+    /// of one directory, walking everything below them and reading files in
+    /// parallel; returns when all of it is stored.
+    fn nodes_for(&mut self, children: Vec<(Vec<u8>, PathBuf, u64)>) -> Result<Vec<Node>> {
+        let dir = self.open_dir(Parent::Top);
+        self.walk(dir, children)?;
+        self.seal(dir)?;
+        while self.top.is_none() {
+            let done =
+                self.replies.1.recv().map_err(|_| {
+                    Error::Invalid("backup file readers stopped unexpectedly".into())
+                })?;
+            self.answer(done)?;
+        }
+        Ok(self.top.take().expect("just finished"))
+    }
+
+    /// The entries of a directory to visit: (name, path, device of the
+    /// walk's root), in name order, without excluded ones.
+    fn children(&mut self, path: &Path, root_dev: u64) -> Vec<(Vec<u8>, PathBuf, u64)> {
         let mut names: Vec<Vec<u8>> = match std::fs::read_dir(path) {
             Ok(rd) => {
                 let mut names = Vec::new();
@@ -977,6 +1125,12 @@ impl<'a, 'r> Walker<'a, 'r> {
             }
             children.push((name, child, root_dev));
         }
+        children
+    }
+
+    /// The tree of a directory and everything below it.
+    fn dir_tree(&mut self, path: &Path, root_dev: u64) -> Result<Tree> {
+        let children = self.children(path, root_dev);
         Ok(Tree {
             nodes: self.nodes_for(children)?,
         })
@@ -1087,6 +1241,10 @@ fn run(
         hardlinks: HashMap::new(),
         progress,
         started: std::time::SystemTime::now(),
+        pending: HashMap::new(),
+        next_dir: 0,
+        replies: crossbeam_channel::unbounded(),
+        top: None,
     };
     // A rendezvous channel: a sealed pack waits in its worker until an
     // upload thread takes it, so memory holds at most one pack per thread.

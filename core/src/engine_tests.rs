@@ -250,6 +250,52 @@ impl Backend for DiesAfter {
 }
 
 #[test]
+fn directories_finished_out_of_walk_order_give_the_same_trees_and_restore_equal() {
+    // Directories' trees are stored when their last file is read, not in
+    // walk order: many small directories, files of very different sizes
+    // (so reads finish out of order), nesting and empty directories.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    for d in 0..40u64 {
+        let dir = src.join(format!("d{d:02}")).join(format!("inner{}", d % 3));
+        std::fs::create_dir_all(&dir).unwrap();
+        let big = if d % 7 == 0 { 3 << 20 } else { 100 };
+        std::fs::write(dir.join("big"), crate::testutil::pseudo_random(big, d)).unwrap();
+        std::fs::write(dir.join("small"), format!("file {d}")).unwrap();
+        std::fs::write(dir.parent().unwrap().join("beside"), vec![d as u8; 5000]).unwrap();
+        if d % 10 == 0 {
+            std::fs::create_dir_all(dir.join("empty")).unwrap();
+        }
+    }
+    let repo = Repository::init(
+        Arc::new(LocalBackend::new(tmp.path().join("repo"))),
+        "pw",
+        &opts(),
+    )
+    .unwrap();
+    let first = backup_dir(&repo, &src, None).unwrap();
+    let second = backup_dir(&repo, &src, None).unwrap();
+    let index = repo.load_index().unwrap();
+    let src_tree = |snapshot: &crate::tree::Snapshot| {
+        crate::walk::find(
+            &repo,
+            &index,
+            &snapshot.tree,
+            src.as_os_str().as_encoded_bytes(),
+        )
+        .unwrap()
+        .and_then(|node| node.subtree)
+        .expect("src is in the snapshot")
+    };
+    assert_eq!(src_tree(&first.snapshot), src_tree(&second.snapshot));
+    assert_eq!(first.snapshot.summary.files_new, 120);
+    let out = tempfile::tempdir().unwrap();
+    let r = restore_to(&repo, &second.snapshot.tree, out.path(), false).unwrap();
+    assert!(r.failures.is_empty(), "{r:?}");
+    same_files(&src, &restored_root(out.path(), &src));
+}
+
+#[test]
 fn an_interrupted_backup_leaves_no_snapshot_and_its_uploads_are_reused() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
