@@ -530,20 +530,30 @@ impl Storer<'_, '_> {
     }
 
     fn store_chunks(&self, reader: impl Read) -> std::io::Result<Result<(Vec<Id>, u64)>> {
-        let chunker = Chunker::new(reader, self.repo.config().chunker, self.seed);
+        thread_local! {
+            /// The chunker's buffer (the maximum chunk size), kept for the
+            /// thread's next file rather than allocated and faulted in anew.
+            static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let buf = BUFFER.with(|b| std::mem::take(&mut *b.borrow_mut()));
+        let mut chunker = Chunker::with_buffer(reader, self.repo.config().chunker, self.seed, buf);
         let mut ids = Vec::new();
         let mut total = 0u64;
-        for chunk in chunker {
-            let chunk = chunk?;
-            let len = chunk.len() as u64;
-            total += len;
-            self.progress.bytes_read.fetch_add(len, Ordering::Relaxed);
-            match self.store_blob(BlobKind::Data, chunk) {
-                Ok(id) => ids.push(id),
-                Err(e) => return Ok(Err(e)),
+        let result = (|| {
+            for chunk in chunker.by_ref() {
+                let chunk = chunk?;
+                let len = chunk.len() as u64;
+                total += len;
+                self.progress.bytes_read.fetch_add(len, Ordering::Relaxed);
+                match self.store_blob(BlobKind::Data, chunk) {
+                    Ok(id) => ids.push(id),
+                    Err(e) => return Ok(Err(e)),
+                }
             }
-        }
-        Ok(Ok((ids, total)))
+            Ok(Ok(()))
+        })();
+        BUFFER.with(|b| *b.borrow_mut() = chunker.into_buffer());
+        result.map(|r| r.map(|()| (ids, total)))
     }
 }
 

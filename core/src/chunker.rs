@@ -6,27 +6,125 @@
 //! insertion disturbs only the chunks around it. Those two properties are
 //! what deduplication stands on, and the property tests below pin them.
 
+use std::borrow::Cow;
 use std::io::Read;
+
+use fastcdc::v2020::{cut_gear, get_gear_with_seed, select_masks, Normalization};
 
 use crate::repo::ChunkerParams;
 
 /// Splits a reader into chunks; yields each chunk's bytes.
+///
+/// The cut points are exactly those of `fastcdc`'s `StreamCDC` (a test
+/// pins that), but the buffer is kept instead of shifted: `StreamCDC`
+/// refills its buffer to the maximum chunk size before every cut, moving the
+/// unread rest (up to 7 MiB per 1 MiB chunk) to the front each time, and
+/// allocates it per file. Here a cut is searched in whatever is buffered,
+/// and kept when it lies before the end of the buffered bytes (where a full
+/// buffer would cut too), so the unread rest moves only when no cut is found
+/// in it, and the buffer is reused from file to file
+/// ([`Chunker::with_buffer`]).
 pub struct Chunker<R: Read> {
-    inner: fastcdc::v2020::StreamCDC<R>,
+    reader: R,
+    buf: Vec<u8>,
+    /// Unread bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
+    eof: bool,
+    min: usize,
+    avg: usize,
+    max: usize,
+    masks: (u64, u64),
+    gear: (Cow<'static, [u64]>, Cow<'static, [u64]>),
 }
 
 impl<R: Read> Chunker<R> {
     /// A chunker over `reader` with the repository's parameters and seed.
     pub fn new(reader: R, params: ChunkerParams, seed: u64) -> Chunker<R> {
+        Chunker::with_buffer(reader, params, seed, Vec::new())
+    }
+
+    /// The same, reusing `buf` (from [`Chunker::into_buffer`]) as its
+    /// buffer.
+    pub fn with_buffer(reader: R, params: ChunkerParams, seed: u64, mut buf: Vec<u8>) -> Self {
+        let (min, avg, max) = (
+            params.min as usize,
+            params.avg as usize,
+            params.max as usize,
+        );
+        buf.resize(max, 0);
         Chunker {
-            inner: fastcdc::v2020::StreamCDC::with_level_and_seed(
-                reader,
-                params.min as usize,
-                params.avg as usize,
-                params.max as usize,
-                fastcdc::v2020::Normalization::Level1,
-                seed,
-            ),
+            reader,
+            buf,
+            start: 0,
+            end: 0,
+            eof: false,
+            min,
+            avg,
+            max,
+            masks: select_masks(avg, Normalization::Level1),
+            gear: get_gear_with_seed(seed),
+        }
+    }
+
+    /// The buffer, for the next file's chunker.
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.buf
+    }
+
+    /// Moves the unread bytes to the front and reads until the buffer is
+    /// full or the reader is done.
+    fn fill(&mut self) -> std::io::Result<()> {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        while self.end < self.buf.len() {
+            match self.reader.read(&mut self.buf[self.end..]) {
+                Ok(0) => {
+                    self.eof = true;
+                    break;
+                }
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn next_chunk(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        loop {
+            let buffered = self.end - self.start;
+            if buffered == 0 && self.eof {
+                return Ok(None);
+            }
+            if buffered > 0 {
+                let (mask_s, mask_l) = self.masks;
+                let (_, len) = cut_gear(
+                    &self.buf[self.start..self.end],
+                    self.min,
+                    self.avg,
+                    self.max,
+                    mask_s,
+                    mask_l,
+                    mask_s << 1,
+                    mask_l << 1,
+                    &self.gear.0,
+                    &self.gear.1,
+                );
+                // A cut before the end of the buffered bytes is where the
+                // scan of a full buffer would cut too (it tests the same
+                // positions in the same order); a cut at the end may only be
+                // the end of the buffer.
+                if len < buffered || buffered == self.max || self.eof {
+                    let chunk = self.buf[self.start..self.start + len].to_vec();
+                    self.start += len;
+                    return Ok(Some(chunk));
+                }
+            }
+            self.fill()?;
         }
     }
 }
@@ -35,12 +133,7 @@ impl<R: Read> Iterator for Chunker<R> {
     type Item = std::io::Result<Vec<u8>>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        self.inner.next().map(|r| {
-            r.map(|c| c.data).map_err(|e| match e {
-                fastcdc::v2020::Error::IoError(io) => io,
-                other => std::io::Error::other(other.to_string()),
-            })
-        })
+        self.next_chunk().transpose()
     }
 }
 
@@ -125,6 +218,35 @@ mod tests {
             for c in tail.iter().rev().take(3) {
                 prop_assert!(in_b.contains(c), "a final chunk is not shared");
             }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn cut_points_are_those_of_fastcdc_stream_chunker(
+            len in 0usize..60_000,
+            seed in any::<u64>(),
+            zeros in 0usize..12_000,
+            sizes in proptest::collection::vec(1usize..9000, 1..6),
+        ) {
+            // Random data with a run of zeros (cut at the maximum size)
+            // in the middle, read in uneven pieces, through a reused buffer.
+            let mut d = crate::testutil::pseudo_random(len, seed);
+            d.splice(len / 2..len / 2, std::iter::repeat_n(0u8, zeros));
+            let theirs: Vec<Vec<u8>> = fastcdc::v2020::StreamCDC::with_level_and_seed(
+                d.as_slice(),
+                SMALL.min as usize,
+                SMALL.avg as usize,
+                SMALL.max as usize,
+                Normalization::Level1,
+                seed,
+            )
+            .map(|c| c.unwrap().data)
+            .collect();
+            let used = vec![7u8; 100];
+            let mut ours = Chunker::with_buffer(Choppy { data: &d, sizes, i: 0 }, SMALL, seed, used);
+            let ours: Vec<Vec<u8>> = ours.by_ref().map(|c| c.unwrap()).collect();
+            prop_assert_eq!(ours, theirs);
         }
     }
 
