@@ -1,7 +1,8 @@
 //! Thin, safe wrappers over the Linux calls that std does not expose:
 //! extended attributes, device nodes, FIFOs, ownership and nanosecond
 //! timestamps on symlinks, user and group names, linking and renaming
-//! without replacing, and a read-only memory map. Everything here works on a
+//! without replacing, page cache advice and a read-only memory map.
+//! Everything here works on a
 //! path without following a final symlink, because a backup must record (and
 //! a restore must recreate) the link itself, never what it points to.
 
@@ -57,6 +58,30 @@ pub fn link_fd(file: &std::fs::File, to: &Path) -> io::Result<()> {
             libc::AT_EMPTY_PATH,
         )
     })
+}
+
+/// Advice on how a file's cached pages will be used (`posix_fadvise`).
+#[derive(Debug, Clone, Copy)]
+pub enum Advice {
+    /// About to be read: start reading it into the page cache now.
+    WillNeed,
+    /// Done with it: drop its clean pages from the page cache.
+    DontNeed,
+}
+
+/// Gives the kernel advice about all of `file`; advice is only a hint, so
+/// failure is reported but harmless.
+pub fn advise(file: &std::fs::File, advice: Advice) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let advice = match advice {
+        Advice::WillNeed => libc::POSIX_FADV_WILLNEED,
+        Advice::DontNeed => libc::POSIX_FADV_DONTNEED,
+    };
+    // SAFETY: a valid descriptor; the call only advises.
+    match unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, advice) } {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
 }
 
 /// A read-only, private memory map of a whole file that no one modifies

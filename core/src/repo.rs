@@ -991,6 +991,11 @@ impl Repository {
         self.master_key("reading packs")?.decrypt(&bytes, &what)
     }
 
+    /// Hints that pack `id` is about to be read ([`Backend::prefetch`]).
+    pub fn prefetch_pack(&self, id: &Id) {
+        self.backend.prefetch(&pack_key(id));
+    }
+
     /// Opens a pack for reading frame by frame (see [`PackStream`]). A
     /// pack whose bytes do not match its name even after re-reading is
     /// salvaged from those bytes instead, as [`Self::read_pack_salvage`]

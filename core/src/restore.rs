@@ -687,6 +687,16 @@ impl<'a> Queue<'a> {
         }
     }
 
+    /// The pack the next worker to ask will take, if one is waiting.
+    fn upcoming(&self) -> Option<u32> {
+        self.state
+            .lock()
+            .expect("poisoned")
+            .waiting
+            .front()
+            .map(|w| w.pack)
+    }
+
     fn close(&self) {
         self.state.lock().expect("poisoned").closed = true;
         self.ready.notify_all();
@@ -1332,6 +1342,12 @@ fn pack_worker(
     while let Some(work) = queue.next(held.as_ref().map(|(pack, _)| *pack)) {
         if held.as_ref().is_none_or(|(pack, _)| *pack != work.pack) {
             held = Some((work.pack, None));
+            // Let the store fetch the pack after this one while this one
+            // is decoded (a hint: local packs are read into the page cache
+            // by the kernel, not into this process).
+            if let Some(next) = queue.upcoming() {
+                repo.prefetch_pack(&index.pack(next).id);
+            }
         }
         let source = &mut held.as_mut().expect("set above").1;
         let (batches, plans): (Vec<_>, Vec<_>) = work.parts.into_iter().unzip();

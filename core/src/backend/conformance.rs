@@ -19,6 +19,7 @@ pub fn run_all(backend: &dyn Backend) {
     stat_reports_size_and_not_found(backend);
     empty_objects_round_trip(backend);
     large_objects_of_any_size_round_trip(backend);
+    prefetched_objects_read_back_whole_and_hints_never_fail(backend);
     invalid_keys_are_refused(backend);
     concurrent_puts_of_one_key_leave_one_whole_object(backend);
 }
@@ -57,6 +58,39 @@ fn large_objects_of_any_size_round_trip(b: &dyn Backend) {
         assert_eq!(b.get(&key, Some(5..4101)).unwrap(), &data[5..4101]);
         b.delete(&key).unwrap();
     }
+}
+
+/// A prefetch hint changes nothing a read returns: not for large objects
+/// (the local backend then reads them through the page cache instead of
+/// directly), not for ranges, not for a second read; and a hint for a
+/// missing or invalid key is ignored.
+fn prefetched_objects_read_back_whole_and_hints_never_fail(b: &dyn Backend) {
+    for (i, len) in [(3 << 20) + 12_345, 100].into_iter().enumerate() {
+        let data: Vec<u8> = (0..len as u32)
+            .map(|x| (x.wrapping_mul(29) >> 2) as u8)
+            .collect();
+        let key = format!("conf/prefetched{i}");
+        b.put(&key, &data).unwrap();
+        b.prefetch(&key);
+        assert!(
+            b.get(&key, None).unwrap() == data,
+            "a prefetched {len}-byte object reads back whole"
+        );
+        assert!(b.get(&key, None).unwrap() == data, "and again");
+        b.prefetch(&key);
+        assert_eq!(b.get(&key, Some(7..90)).unwrap(), &data[7..90]);
+        assert!(
+            b.get(&key, None).unwrap() == data,
+            "a hint outlives a ranged read"
+        );
+        b.delete(&key).unwrap();
+    }
+    b.prefetch("conf/never-written");
+    b.prefetch("../outside");
+    assert!(b
+        .get("conf/never-written", None)
+        .unwrap_err()
+        .is_not_found());
 }
 
 fn put_is_put_if_absent(b: &dyn Backend) {

@@ -190,6 +190,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn exclusive_create(&self) -> bool {
         true
     }
+    /// Hints that `key` is about to be read, so a store that can start
+    /// fetching it now does (the read itself still goes through
+    /// [`get`](Backend::get)); the default ignores the hint.
+    fn prefetch(&self, key: &str) {
+        let _ = key;
+    }
     /// How many requests the store serves well at once. Engines size their
     /// upload and download pools by it: a local disk wants few, a remote
     /// object store many, to hide each request's latency.

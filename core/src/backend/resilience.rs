@@ -204,6 +204,9 @@ impl Backend for Retry {
     fn concurrency(&self) -> usize {
         self.inner.concurrency()
     }
+    fn prefetch(&self, key: &str) {
+        self.inner.prefetch(key)
+    }
 }
 
 /// Retries made by every [`Retry`] in this process (for metrics: the
@@ -464,6 +467,9 @@ impl Backend for CircuitBreaker {
     fn concurrency(&self) -> usize {
         self.inner.concurrency()
     }
+    fn prefetch(&self, key: &str) {
+        self.inner.prefetch(key)
+    }
 }
 
 /// Observes a [`CircuitBreaker`] from outside the stack that owns it.
@@ -542,6 +548,10 @@ impl Backend for Limiter {
     /// their pools above the bound would only have threads queueing here.
     fn concurrency(&self) -> usize {
         self.max_in_flight.min(self.inner.concurrency())
+    }
+    /// A hint takes no slot: it only lets the store start early.
+    fn prefetch(&self, key: &str) {
+        self.inner.prefetch(key)
     }
 }
 
@@ -715,6 +725,9 @@ impl Backend for Timeout {
     }
     fn concurrency(&self) -> usize {
         self.inner.concurrency()
+    }
+    fn prefetch(&self, key: &str) {
+        self.inner.prefetch(key)
     }
     fn exclusive_create(&self) -> bool {
         self.inner.exclusive_create()
@@ -890,6 +903,9 @@ impl Backend for Faulty {
     }
     fn concurrency(&self) -> usize {
         self.inner.concurrency()
+    }
+    fn prefetch(&self, key: &str) {
+        self.inner.prefetch(key)
     }
     fn exclusive_create(&self) -> bool {
         self.inner.exclusive_create()
