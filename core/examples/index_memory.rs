@@ -87,12 +87,12 @@ fn main() {
 
     let dir = tempfile::tempdir().expect("a temporary directory");
     let clock = std::time::Instant::now();
-    write_index_cache(dir.path(), "bench", &index).expect("cache written");
+    write_index_cache(dir.path(), "bench", &[7; 32], &index).expect("cache written");
     let wrote = clock.elapsed();
     drop(index);
     let (anon2, file2) = rss();
     let clock = std::time::Instant::now();
-    let mapped = open_index_cache(dir.path(), "bench").expect("cache opens");
+    let mapped = open_index_cache(dir.path(), "bench", &[7; 32]).expect("cache opens");
     let opened = clock.elapsed();
     let (anon3, file3) = rss();
     println!(

@@ -613,9 +613,14 @@ fn file_worker(storer: &Storer<'_, '_>, rx: Receiver<FileJob>) {
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             read_file(storer, &job.path, &job.meta)
         }))
-        .unwrap_or_else(|_| {
+        .unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
             Err(Error::Invalid(format!(
-                "{}: reading the file failed unexpectedly (a bug in lifeboat)",
+                "{}: reading the file failed unexpectedly (a bug in lifeboat): {why}",
                 job.path.display()
             )))
         });
@@ -1022,9 +1027,11 @@ impl<'a, 'r> Walker<'a, 'r> {
         Ok(())
     }
 
-    /// Marks pending directory `dir` fully visited. Returns its tree's ID
-    /// when nothing is outstanding (the caller places it); otherwise the
-    /// tree is stored, and placed, by [`Walker::finish`] later.
+    /// Marks pending directory `dir` fully visited. When nothing is
+    /// outstanding it is done at once: a subdirectory's tree is stored and
+    /// its ID returned (the caller places it), a [`Parent::Top`]'s nodes go
+    /// to `top` (and `None` is returned). Otherwise `None`, and
+    /// [`Walker::finish`] completes it later.
     fn seal(&mut self, dir: usize) -> Result<Option<Id>> {
         let p = self.pending(dir);
         p.listed = true;

@@ -120,6 +120,13 @@ impl ChunkKey {
         Id(*blake3::keyed_hash(&self.0, plaintext).as_bytes())
     }
 
+    /// A secret for `purpose`, derived from the chunk key: it keys MACs on
+    /// local files (the index cache) that someone who can write the cache
+    /// directory but holds no key of the repository must not forge.
+    pub fn derive(&self, purpose: &str) -> [u8; 32] {
+        *blake3::keyed_hash(&self.0, purpose.as_bytes()).as_bytes()
+    }
+
     /// A hasher that computes [`Self::blob_id`] over data fed in pieces.
     pub fn blob_hasher(&self) -> blake3::Hasher {
         blake3::Hasher::new_keyed(&self.0)

@@ -440,7 +440,9 @@ fn a_cached_index_never_lets_a_backup_reuse_condemned_or_pruned_data() {
     .unwrap();
     let cache_tmp = tempfile::tempdir().unwrap();
     let cache = cache_tmp.path().join("cache");
-    let cached = || crate::index_cache::open(&cache, &repo.config().id).expect("a cache file");
+    let key = repo.ids().derive(crate::index_cache::MAC_PURPOSE);
+    let cached =
+        || crate::index_cache::open(&cache, &repo.config().id, &key).expect("a cache file");
     let listed = || {
         let mut ids = repo.list_ids("index").unwrap();
         ids.sort();

@@ -11,10 +11,12 @@
 //! | packs: ID, stored size (u64), lock end (i64 seconds, u32 nanoseconds, u8 set), kind (u8), 2 zero bytes | 56 each |
 //! | records: blob ID, pack position, offset, frame length, plaintext length (u32 each), sorted and unique | 48 each |
 //! | bucket table: first record of each 16-bit ID prefix, and the record count | 4 × 65,537 |
-//! | BLAKE3 (derive-key mode, keyed with the repository ID) of everything before | 32 |
+//! | keyed BLAKE3 of the repository ID and everything before (a MAC: the key is derived from the repository's chunk key) | 32 |
 //!
 //! Opening reads the file once, front to back, through a small buffer (page
-//! cache, not process memory): it checks the checksum, that records are
+//! cache, not process memory): it checks the MAC (so neither damage nor
+//! someone who can write the cache directory but holds no repository key
+//! can plant records that would make a backup skip data), that records are
 //! sorted and unique and name known packs, and that the bucket table matches
 //! them; only then are the records mapped. A file that fails any check is
 //! removed and rebuilt from the repository, so a damaged cache costs time,
@@ -50,17 +52,20 @@ pub(crate) fn path(dir: &Path, repo_id: &str) -> PathBuf {
     dir.join(repo_id).join("index.bin")
 }
 
-fn hasher(repo_id: &str) -> blake3::Hasher {
-    let mut h = blake3::Hasher::new_derive_key("lifeboat 2026 index cache file v1");
+/// What the MAC key of the index cache is derived for (from the chunk key).
+pub(crate) const MAC_PURPOSE: &str = "lifeboat 2026 index cache file v1";
+
+fn hasher(key: &[u8; 32], repo_id: &str) -> blake3::Hasher {
+    let mut h = blake3::Hasher::new_keyed(key);
     h.update(&(repo_id.len() as u64).to_le_bytes());
     h.update(repo_id.as_bytes());
     h
 }
 
-/// Opens and verifies the index cache of `repo_id` under `dir`. `None` when
-/// there is none, or when it cannot be used (a damaged file is removed; the
-/// reason is logged).
-pub fn open(dir: &Path, repo_id: &str) -> Option<Index> {
+/// Opens and verifies the index cache of `repo_id` under `dir`, whose MAC
+/// key is `key`. `None` when there is none, or when it cannot be used (a
+/// damaged file is removed; the reason is logged).
+pub fn open(dir: &Path, repo_id: &str, key: &[u8; 32]) -> Option<Index> {
     let path = path(dir, repo_id);
     let file = match File::open(&path) {
         Ok(f) => f,
@@ -73,7 +78,7 @@ pub fn open(dir: &Path, repo_id: &str) -> Option<Index> {
             return None;
         }
     };
-    match verify(&file, repo_id) {
+    match verify(&file, repo_id, key) {
         Ok(index) => Some(index),
         Err(Damage::Io(e)) => {
             log::warn!(
@@ -87,7 +92,14 @@ pub fn open(dir: &Path, repo_id: &str) -> Option<Index> {
                 "index cache {} is damaged ({why}); removing it and loading the index from the repository",
                 path.display()
             );
-            let _ = std::fs::remove_file(&path);
+            // Unless another backup has just renamed a new file into place.
+            use std::os::unix::fs::MetadataExt;
+            let same = |m: std::io::Result<std::fs::Metadata>| m.map(|m| (m.dev(), m.ino())).ok();
+            if same(file.metadata()).is_some()
+                && same(file.metadata()) == same(std::fs::metadata(&path))
+            {
+                let _ = std::fs::remove_file(&path);
+            }
             None
         }
     }
@@ -132,14 +144,14 @@ fn bad<T>(why: impl Into<String>) -> std::result::Result<T, Damage> {
     Err(Damage::Bad(why.into()))
 }
 
-fn verify(file: &File, repo_id: &str) -> std::result::Result<Index, Damage> {
+fn verify(file: &File, repo_id: &str, key: &[u8; 32]) -> std::result::Result<Index, Damage> {
     use std::io::Seek;
     let size = file.metadata()?.len();
     let mut start = file;
     start.rewind()?;
     let mut r = Hashing {
         inner: BufReader::with_capacity(1 << 20, file),
-        hash: hasher(repo_id),
+        hash: hasher(key, repo_id),
     };
     let mut magic = [0u8; 8];
     r.take(&mut magic)?;
@@ -208,7 +220,7 @@ fn verify(file: &File, repo_id: &str) -> std::result::Result<Index, Damage> {
     let mut sum = [0u8; 32];
     r.inner.read_exact(&mut sum)?;
     if r.hash.finalize() != blake3::Hash::from_bytes(sum) {
-        return bad("checksum mismatch");
+        return bad("MAC mismatch: damaged, or written for another repository or key");
     }
     let records = if n_records == 0 {
         Records::Owned(Vec::new())
@@ -262,8 +274,9 @@ fn decode_pack(p: &[u8; PACK]) -> Option<PackInfo> {
 
 /// Writes `index` (its runs merged, repeats dropped; packs set aside are
 /// kept, since setting aside is one backup's view) as the index cache of
-/// `repo_id` under `dir`, and returns it opened from the new file.
-pub fn write(dir: &Path, repo_id: &str, index: &Index) -> Result<Index> {
+/// `repo_id` under `dir` with MAC key `key`, and returns it opened from the
+/// new file.
+pub fn write(dir: &Path, repo_id: &str, key: &[u8; 32], index: &Index) -> Result<Index> {
     let path = path(dir, repo_id);
     let parent = path.parent().expect("a file in a directory");
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
@@ -273,18 +286,20 @@ pub fn write(dir: &Path, repo_id: &str, index: &Index) -> Result<Index> {
         std::process::id(),
         rand::random::<u64>()
     ));
-    let written = write_to(&temp, repo_id, index).and_then(|file| {
-        std::fs::rename(&temp, &path)?;
-        Ok(file)
-    });
+    let written = write_to(&temp, repo_id, key, index)
+        .map_err(|e| Error::io(&temp, e))
+        .and_then(|file| {
+            std::fs::rename(&temp, &path).map_err(|e| Error::io(&path, e))?;
+            Ok(file)
+        });
     let file = match written {
         Ok(f) => f,
         Err(e) => {
             let _ = std::fs::remove_file(&temp);
-            return Err(Error::io(&path, e));
+            return Err(e);
         }
     };
-    verify(&file, repo_id).map_err(|d| match d {
+    verify(&file, repo_id, key).map_err(|d| match d {
         Damage::Io(e) => Error::io(&path, e),
         Damage::Bad(why) => Error::io(
             &path,
@@ -321,7 +336,7 @@ fn remove_abandoned(dir: &Path) {
     }
 }
 
-fn write_to(temp: &Path, repo_id: &str, index: &Index) -> std::io::Result<File> {
+fn write_to(temp: &Path, repo_id: &str, key: &[u8; 32], index: &Index) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .write(true)
@@ -337,7 +352,7 @@ fn write_to(temp: &Path, repo_id: &str, index: &Index) -> std::io::Result<File> 
         return Err(std::io::Error::other("more than 2^32 blob records"));
     }
     let mut w = BufWriter::with_capacity(1 << 20, &file);
-    let mut hash = hasher(repo_id);
+    let mut hash = hasher(key, repo_id);
     let mut buf = Vec::with_capacity(1 << 16);
     let mut flush = |buf: &mut Vec<u8>, w: &mut BufWriter<&File>| -> std::io::Result<()> {
         hash.update(buf);
@@ -412,6 +427,8 @@ mod tests {
     use crate::index::{IndexBuilder, IndexFile, IndexPack};
     use crate::pack::PackEntry;
 
+    const KEY: [u8; 32] = [9; 32];
+
     fn pack(name: &str, kind: BlobKind, blobs: std::ops::Range<u32>) -> IndexPack {
         IndexPack {
             id: Id::of_bytes(name.as_bytes()),
@@ -472,8 +489,8 @@ mod tests {
     fn a_written_index_cache_maps_back_to_the_same_index() {
         let dir = tempfile::tempdir().unwrap();
         let index = sample();
-        let written = write(dir.path(), "repo", &index).unwrap();
-        let opened = open(dir.path(), "repo").expect("a valid cache opens");
+        let written = write(dir.path(), "repo", &KEY, &index).unwrap();
+        let opened = open(dir.path(), "repo", &KEY).expect("a valid cache opens");
         for i in [&written, &opened] {
             assert!(
                 matches!(
@@ -502,7 +519,7 @@ mod tests {
     #[test]
     fn objects_added_on_top_of_a_mapped_index_merge_into_one_file() {
         let dir = tempfile::tempdir().unwrap();
-        let base = write(dir.path(), "repo", &sample()).unwrap();
+        let base = write(dir.path(), "repo", &KEY, &sample()).unwrap();
         let mut b = IndexBuilder::over(base);
         b.add_object(
             Id::of_bytes(b"object 3"),
@@ -521,7 +538,7 @@ mod tests {
         let layered = b.build();
         assert_eq!(layered.runs().len(), 2);
         assert!(layered.contains(&Id::of_bytes(&3050u32.to_le_bytes())));
-        let folded = write(dir.path(), "repo", &layered).unwrap();
+        let folded = write(dir.path(), "repo", &KEY, &layered).unwrap();
         assert_eq!(folded.runs().len(), 1);
         assert_eq!(folded.covers().len(), 3);
         assert_eq!(
@@ -537,7 +554,7 @@ mod tests {
     #[test]
     fn a_damaged_byte_anywhere_in_an_index_cache_is_caught_and_the_file_removed() {
         let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), "repo", &sample()).unwrap();
+        write(dir.path(), "repo", &KEY, &sample()).unwrap();
         let file = path(dir.path(), "repo");
         let good = std::fs::read(&file).unwrap();
         let records_at = HEADER + 2 * 32 + 3 * PACK;
@@ -557,21 +574,29 @@ mod tests {
             let mut bad = good.clone();
             bad[at] ^= 0x40;
             std::fs::write(&file, &bad).unwrap();
-            assert!(open(dir.path(), "repo").is_none(), "byte {at} flipped");
+            assert!(
+                open(dir.path(), "repo", &KEY).is_none(),
+                "byte {at} flipped"
+            );
             assert!(!file.exists(), "the damaged file is removed");
         }
         std::fs::write(&file, &good[..good.len() - 48]).unwrap();
-        assert!(open(dir.path(), "repo").is_none(), "truncated");
+        assert!(open(dir.path(), "repo", &KEY).is_none(), "truncated");
         std::fs::write(&file, &good).unwrap();
         assert!(
-            open(dir.path(), "repo").is_some(),
+            open(dir.path(), "repo", &KEY).is_some(),
             "the intact file still opens"
         );
         std::fs::create_dir_all(dir.path().join("other")).unwrap();
         std::fs::write(path(dir.path(), "other"), &good).unwrap();
         assert!(
-            open(dir.path(), "other").is_none(),
+            open(dir.path(), "other", &KEY).is_none(),
             "another repository's cache is refused"
+        );
+        std::fs::write(&file, &good).unwrap();
+        assert!(
+            open(dir.path(), "repo", &[8; 32]).is_none(),
+            "a file whose MAC needs another key is refused"
         );
     }
 
@@ -591,7 +616,7 @@ mod tests {
             .unwrap()
             .set_modified(hours_ago)
             .unwrap();
-        write(dir.path(), "repo", &sample()).unwrap();
+        write(dir.path(), "repo", &KEY, &sample()).unwrap();
         assert!(!old.exists(), "the abandoned file is removed");
         assert!(
             fresh.exists(),
@@ -604,7 +629,7 @@ mod tests {
         // A file whose checksum matches but whose records are not sorted
         // (a writer bug) would make lookups miss: it is refused.
         let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), "repo", &sample()).unwrap();
+        write(dir.path(), "repo", &KEY, &sample()).unwrap();
         let file = path(dir.path(), "repo");
         let mut bytes = std::fs::read(&file).unwrap();
         let records_at = HEADER + 2 * 32 + 3 * PACK;
@@ -613,11 +638,11 @@ mod tests {
         bytes.copy_within(b..b + RECORD, a);
         bytes[b..b + RECORD].copy_from_slice(&first);
         let body = bytes.len() - TRAILER;
-        let mut h = hasher("repo");
+        let mut h = hasher(&KEY, "repo");
         h.update(&bytes[..body]);
         let sum = *h.finalize().as_bytes();
         bytes[body..].copy_from_slice(&sum);
         std::fs::write(&file, &bytes).unwrap();
-        assert!(open(dir.path(), "repo").is_none());
+        assert!(open(dir.path(), "repo", &KEY).is_none());
     }
 }

@@ -865,11 +865,13 @@ impl Repository {
     /// memory and only the index objects written since are loaded (into
     /// memory, on top of it); the file is rebuilt when a prune removed
     /// objects it covers, and rewritten once the objects loaded on top are
-    /// an eighth of it. A cache that cannot be read or written only costs
-    /// time (the reason is logged).
+    /// an eighth of it. (Building it loads the whole index into memory
+    /// once, as [`Repository::load_index`] does.) A cache that cannot be
+    /// read or written only costs time (the reason is logged).
     pub fn load_index_cached(&self, cache_dir: &Path) -> Result<Index> {
         let repo_id = &self.config().id;
-        let cached = crate::index_cache::open(cache_dir, repo_id);
+        let key = self.ids().derive(crate::index_cache::MAC_PURPOSE);
+        let cached = crate::index_cache::open(cache_dir, repo_id, &key);
         let index = self.load_index_over(cached)?;
         let runs = index.runs();
         let mapped =
@@ -880,9 +882,14 @@ impl Repository {
             _ => true,
         };
         if !fold {
+            if index.is_empty() {
+                // An empty repository (or one pruned empty): a stale file
+                // would only be verified and rejected by every backup.
+                let _ = std::fs::remove_file(crate::index_cache::path(cache_dir, repo_id));
+            }
             return Ok(index);
         }
-        match crate::index_cache::write(cache_dir, repo_id, &index) {
+        match crate::index_cache::write(cache_dir, repo_id, &key, &index) {
             Ok(mapped) => Ok(mapped),
             Err(e) => {
                 log::warn!("{e}; this backup keeps the index in memory");

@@ -726,8 +726,14 @@ impl Backend for Timeout {
     fn concurrency(&self) -> usize {
         self.inner.concurrency()
     }
+    /// Under the same deadline as a request (a hint on a hung mount must
+    /// not hang its caller); its outcome is of no interest.
     fn prefetch(&self, key: &str) {
-        self.inner.prefetch(key)
+        let k = key.to_string();
+        let _ = self.run(key, self.deadline(0), move |b| {
+            b.prefetch(&k);
+            Ok(())
+        });
     }
     fn exclusive_create(&self) -> bool {
         self.inner.exclusive_create()
