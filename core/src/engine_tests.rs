@@ -4,7 +4,7 @@
 //! drive the binary; these reach inside to simulate crashes and forge
 //! hostile objects.)
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -116,6 +116,81 @@ fn restored_root(target: &Path, src: &Path) -> std::path::PathBuf {
     target.join(src.strip_prefix("/").unwrap())
 }
 
+/// A new local repository at `path`.
+fn local_repo(path: &Path) -> Repository {
+    Repository::init(Arc::new(LocalBackend::new(path)), "pw", &opts()).unwrap()
+}
+
+/// The tree ID of directory `dir` in `snapshot`.
+fn subtree_of(repo: &Repository, snapshot: &crate::tree::Snapshot, dir: &Path) -> Id {
+    let index = repo.load_index().unwrap();
+    crate::walk::find(
+        repo,
+        &index,
+        &snapshot.tree,
+        dir.as_os_str().as_encoded_bytes(),
+    )
+    .unwrap()
+    .and_then(|node| node.subtree)
+    .expect("the directory is in the snapshot")
+}
+
+/// Two small trees `a` and `b` (from `seeds`) under `tmp`, and an empty
+/// local repository beside them.
+fn two_trees_and_a_repo(tmp: &Path, seeds: (u64, u64)) -> (PathBuf, PathBuf, Repository) {
+    let (a, b) = (tmp.join("a"), tmp.join("b"));
+    make_tree(&a, seeds.0);
+    make_tree(&b, seeds.1);
+    (a, b, local_repo(&tmp.join("repo")))
+}
+
+/// Prune options that condemn at once and delete only after an hour.
+fn prune_condemning() -> PruneOptions {
+    PruneOptions {
+        grace: std::time::Duration::from_secs(3600),
+        // Zero stands in for the hours that pass in real life.
+        min_pack_age: std::time::Duration::ZERO,
+        ..Default::default()
+    }
+}
+
+/// Prune options that execute every plan now.
+fn prune_executing() -> PruneOptions {
+    PruneOptions {
+        grace: std::time::Duration::ZERO,
+        ..Default::default()
+    }
+}
+
+/// `check --read-data` finds nothing wrong, and each snapshot tree restores
+/// (verified) equal to its source.
+fn check_clean_and_restores_equal(repo: &Repository, restores: &[(&Id, &Path)]) {
+    let c = check(
+        repo,
+        &CheckOptions {
+            read_data: true,
+            subset_percent: None,
+        },
+    )
+    .unwrap();
+    assert!(c.errors.is_empty(), "{:?}", c.errors);
+    for (tree, src) in restores {
+        let out = tempfile::tempdir().unwrap();
+        let r = restore(
+            repo,
+            tree,
+            &RestoreOptions {
+                target: out.path().to_path_buf(),
+                verify: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(r.failures.is_empty(), "{r:?}");
+        same_files(src, &restored_root(out.path(), src));
+    }
+}
+
 #[test]
 fn backup_then_restore_round_trips_a_tree_and_check_is_clean() {
     let tmp = tempfile::tempdir().unwrap();
@@ -181,18 +256,7 @@ fn unchanged_rebackup_with_the_cache_reads_and_adds_nothing() {
     // `/tmp`, so those few trees may change between backups (that made
     // this test fail now and then). Everything from `src` down must not.
     let above = src.ancestors().count() as u64 - 1;
-    let src_tree = |snapshot: &crate::tree::Snapshot| {
-        let index = repo.load_index().unwrap();
-        crate::walk::find(
-            &repo,
-            &index,
-            &snapshot.tree,
-            src.as_os_str().as_encoded_bytes(),
-        )
-        .unwrap()
-        .and_then(|node| node.subtree)
-        .expect("src is in the snapshot")
-    };
+    let src_tree = |snapshot: &crate::tree::Snapshot| subtree_of(&repo, snapshot, &src);
     let s = &second.snapshot.summary;
     assert_eq!(s.bytes_read, 0, "{s:?}");
     assert_eq!(s.files_unmodified, 3);
@@ -267,26 +331,10 @@ fn directories_finished_out_of_walk_order_give_the_same_trees_and_restore_equal(
             std::fs::create_dir_all(dir.join("empty")).unwrap();
         }
     }
-    let repo = Repository::init(
-        Arc::new(LocalBackend::new(tmp.path().join("repo"))),
-        "pw",
-        &opts(),
-    )
-    .unwrap();
+    let repo = local_repo(&tmp.path().join("repo"));
     let first = backup_dir(&repo, &src, None).unwrap();
     let second = backup_dir(&repo, &src, None).unwrap();
-    let index = repo.load_index().unwrap();
-    let src_tree = |snapshot: &crate::tree::Snapshot| {
-        crate::walk::find(
-            &repo,
-            &index,
-            &snapshot.tree,
-            src.as_os_str().as_encoded_bytes(),
-        )
-        .unwrap()
-        .and_then(|node| node.subtree)
-        .expect("src is in the snapshot")
-    };
+    let src_tree = |snapshot: &crate::tree::Snapshot| subtree_of(&repo, snapshot, &src);
     assert_eq!(src_tree(&first.snapshot), src_tree(&second.snapshot));
     assert_eq!(first.snapshot.summary.files_new, 120);
     let out = tempfile::tempdir().unwrap();
@@ -349,15 +397,7 @@ fn an_interrupted_backup_leaves_no_snapshot_and_its_uploads_are_reused() {
 #[test]
 fn forget_then_prune_frees_space_and_keeps_what_remaining_snapshots_need() {
     let tmp = tempfile::tempdir().unwrap();
-    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    make_tree(&a, 3);
-    make_tree(&b, 4);
-    let repo = Repository::init(
-        Arc::new(LocalBackend::new(tmp.path().join("repo"))),
-        "pw",
-        &opts(),
-    )
-    .unwrap();
+    let (a, b, repo) = two_trees_and_a_repo(tmp.path(), (3, 4));
     let ra = backup_dir(&repo, &a, None).unwrap();
     let rb = backup_dir(&repo, &b, None).unwrap();
     let packs_before = repo.backend().list("data/").unwrap().len();
@@ -366,16 +406,7 @@ fn forget_then_prune_frees_space_and_keeps_what_remaining_snapshots_need() {
         .unwrap();
 
     // With a grace period, the first prune only condemns.
-    let waiting = prune(
-        &repo,
-        &PruneOptions {
-            grace: std::time::Duration::from_secs(3600),
-            // Zero stands in for the hours that pass in real life.
-            min_pack_age: std::time::Duration::ZERO,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let waiting = prune(&repo, &prune_condemning()).unwrap();
     assert!(
         waiting.packs_condemned > 0 && waiting.packs_deleted == 0,
         "{waiting:?}"
@@ -391,53 +422,18 @@ fn forget_then_prune_frees_space_and_keeps_what_remaining_snapshots_need() {
 
     // Past the grace period the plan executes, sparing nothing the new snapshot needs
     // (its data lives in new packs).
-    let done = prune(
-        &repo,
-        &PruneOptions {
-            grace: std::time::Duration::ZERO,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let done = prune(&repo, &prune_executing()).unwrap();
     assert!(done.packs_deleted > 0, "{done:?}");
-    let c = check(
+    check_clean_and_restores_equal(
         &repo,
-        &CheckOptions {
-            read_data: true,
-            subset_percent: None,
-        },
-    )
-    .unwrap();
-    assert!(c.errors.is_empty(), "{:?}", c.errors);
-    for (snap, src) in [(&rb.snapshot, &b), (&again.snapshot, &a)] {
-        let out = tempfile::tempdir().unwrap();
-        let r = restore(
-            &repo,
-            &snap.tree,
-            &RestoreOptions {
-                target: out.path().to_path_buf(),
-                verify: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        assert!(r.failures.is_empty(), "{r:?}");
-        same_files(src, &restored_root(out.path(), src));
-    }
+        &[(&rb.snapshot.tree, &b), (&again.snapshot.tree, &a)],
+    );
 }
 
 #[test]
 fn a_cached_index_never_lets_a_backup_reuse_condemned_or_pruned_data() {
     let tmp = tempfile::tempdir().unwrap();
-    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    make_tree(&a, 5);
-    make_tree(&b, 6);
-    let repo = Repository::init(
-        Arc::new(LocalBackend::new(tmp.path().join("repo"))),
-        "pw",
-        &opts(),
-    )
-    .unwrap();
+    let (a, b, repo) = two_trees_and_a_repo(tmp.path(), (5, 6));
     let cache_tmp = tempfile::tempdir().unwrap();
     let cache = cache_tmp.path().join("cache");
     let key = repo.ids().derive(crate::index_cache::MAC_PURPOSE);
@@ -464,12 +460,7 @@ fn a_cached_index_never_lets_a_backup_reuse_condemned_or_pruned_data() {
     repo.backend()
         .delete(&format!("snapshots/{}", ra.snapshot_id))
         .unwrap();
-    let condemn = PruneOptions {
-        grace: std::time::Duration::from_secs(3600),
-        min_pack_age: std::time::Duration::ZERO,
-        ..Default::default()
-    };
-    assert!(prune(&repo, &condemn).unwrap().packs_condemned > 0);
+    assert!(prune(&repo, &prune_condemning()).unwrap().packs_condemned > 0);
     // The cache still lists a's packs; the backup must not lean on them.
     let during = backup_dir(&repo, &a, Some(&cache)).unwrap();
     assert!(
@@ -477,15 +468,11 @@ fn a_cached_index_never_lets_a_backup_reuse_condemned_or_pruned_data() {
         "re-uploads instead of reusing condemned data: {:?}",
         during.snapshot.summary
     );
-    let execute = PruneOptions {
-        grace: std::time::Duration::ZERO,
-        ..Default::default()
-    };
     repo.backend()
         .delete(&format!("snapshots/{}", during.snapshot_id))
         .unwrap();
-    assert!(prune(&repo, &condemn).unwrap().packs_condemned > 0);
-    assert!(prune(&repo, &execute).unwrap().packs_deleted > 0);
+    assert!(prune(&repo, &prune_condemning()).unwrap().packs_condemned > 0);
+    assert!(prune(&repo, &prune_executing()).unwrap().packs_deleted > 0);
     // Executed plans are kept for a while and would set a's packs aside on
     // their own; once they are gone, only the cache's check stands.
     for plan in repo.list_ids("pending").unwrap() {
@@ -506,28 +493,7 @@ fn a_cached_index_never_lets_a_backup_reuse_condemned_or_pruned_data() {
         after.snapshot.summary
     );
     assert_eq!(cached().covers(), before_after);
-    let c = check(
-        &repo,
-        &CheckOptions {
-            read_data: true,
-            subset_percent: None,
-        },
-    )
-    .unwrap();
-    assert!(c.errors.is_empty(), "{:?}", c.errors);
-    let out = tempfile::tempdir().unwrap();
-    let r = restore(
-        &repo,
-        &after.snapshot.tree,
-        &RestoreOptions {
-            target: out.path().to_path_buf(),
-            verify: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    assert!(r.failures.is_empty(), "{r:?}");
-    same_files(&a, &restored_root(out.path(), &a));
+    check_clean_and_restores_equal(&repo, &[(&after.snapshot.tree, &a)]);
 }
 
 #[test]
