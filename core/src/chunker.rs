@@ -22,7 +22,8 @@ use crate::repo::ChunkerParams;
 /// allocates it per file. Here a cut is searched in whatever is buffered,
 /// and kept when it lies before the end of the buffered bytes (where a full
 /// buffer would cut too), so the unread rest moves only when no cut is found
-/// in it, and the buffer is reused from file to file
+/// in it; the buffer holds a few average chunks, grows only for a chunk
+/// that does not fit, and is reused from file to file
 /// ([`Chunker::with_buffer`]).
 pub struct Chunker<R: Read> {
     reader: R,
@@ -52,7 +53,12 @@ impl<R: Read> Chunker<R> {
             params.avg as usize,
             params.max as usize,
         );
-        buf.resize(max, 0);
+        // Room for a few average chunks; grown (up to the maximum size)
+        // only when a chunk does not fit, which is rare: a buffer of the
+        // maximum size kept per file reader cost 8 MiB of memory each.
+        let initial = (4 * avg).min(max);
+        buf.resize(initial, 0);
+        buf.shrink_to(initial);
         Chunker {
             reader,
             buf,
@@ -72,9 +78,14 @@ impl<R: Read> Chunker<R> {
         self.buf
     }
 
-    /// Moves the unread bytes to the front and reads until the buffer is
-    /// full or the reader is done.
+    /// Moves the unread bytes to the front (or, when they fill the whole
+    /// buffer, grows it towards the maximum chunk size) and reads until the
+    /// buffer is full or the reader is done.
     fn fill(&mut self) -> std::io::Result<()> {
+        if self.start == 0 && self.end == self.buf.len() {
+            let grown = (self.buf.len() * 2).clamp(self.min, self.max);
+            self.buf.resize(grown, 0);
+        }
         if self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -118,7 +129,7 @@ impl<R: Read> Chunker<R> {
                 // scan of a full buffer would cut too (it tests the same
                 // positions in the same order); a cut at the end may only be
                 // the end of the buffer.
-                if len < buffered || buffered == self.max || self.eof {
+                if len < buffered || buffered >= self.max || self.eof {
                     let chunk = self.buf[self.start..self.start + len].to_vec();
                     self.start += len;
                     return Ok(Some(chunk));
@@ -228,6 +239,12 @@ mod tests {
             seed in any::<u64>(),
             zeros in 0usize..12_000,
             sizes in proptest::collection::vec(1usize..9000, 1..6),
+            // Maximum 4 (buffer starts full size) or 16 average chunks
+            // (the buffer grows when a chunk does not fit).
+            params in prop_oneof![
+                Just(SMALL),
+                Just(ChunkerParams { min: 256, avg: 512, max: 8192 }),
+            ],
         ) {
             // Random data with a run of zeros (cut at the maximum size)
             // in the middle, read in uneven pieces, through a reused buffer.
@@ -235,16 +252,17 @@ mod tests {
             d.splice(len / 2..len / 2, std::iter::repeat_n(0u8, zeros));
             let theirs: Vec<Vec<u8>> = fastcdc::v2020::StreamCDC::with_level_and_seed(
                 d.as_slice(),
-                SMALL.min as usize,
-                SMALL.avg as usize,
-                SMALL.max as usize,
+                params.min as usize,
+                params.avg as usize,
+                params.max as usize,
                 Normalization::Level1,
                 seed,
             )
             .map(|c| c.unwrap().data)
             .collect();
-            let used = vec![7u8; 100];
-            let mut ours = Chunker::with_buffer(Choppy { data: &d, sizes, i: 0 }, SMALL, seed, used);
+            // A used buffer, larger than the chunker starts with.
+            let used = vec![7u8; 10_000];
+            let mut ours = Chunker::with_buffer(Choppy { data: &d, sizes, i: 0 }, params, seed, used);
             let ours: Vec<Vec<u8>> = ours.by_ref().map(|c| c.unwrap()).collect();
             prop_assert_eq!(ours, theirs);
         }
