@@ -458,15 +458,20 @@ fn hosts_backing_up_while_forget_and_prune_run_never_lose_referenced_data() {
             }
             prunes
         });
+        // Stop the maintenance loop before looking at how the hosts ended:
+        // a host that panicked must fail the test, not leave it waiting
+        // for a loop that never stops.
+        let ended: Vec<_> = workers.into_iter().map(|w| w.join()).collect();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let prunes = maintenance.join().unwrap();
         let mut committed = Vec::new();
         let mut refused = 0;
-        for w in workers {
-            let (done, r) = w.join().unwrap();
+        for e in ended {
+            let (done, r) = e.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             committed.extend(done);
             refused += r;
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        (committed, refused, maintenance.join().unwrap())
+        (committed, refused, prunes)
     });
     // Whatever survived forget restores exactly, and the repository is clean.
     let repo = Repository::open(store, "pw").unwrap();
