@@ -212,6 +212,14 @@ struct Shared<'r> {
     blobs_added: AtomicU64,
     raw_added: AtomicU64,
     stored_added: AtomicU64,
+    /// Data packs open, sealed or uploading. A new one starts only below
+    /// `max_data_packs`: otherwise every producing thread could fill and
+    /// seal a pack of its own while uploads lag (slow `fsync`, a slow
+    /// store), each holding 8 MiB, and peak memory followed the store's
+    /// latency.
+    data_packs: Mutex<usize>,
+    data_pack_done: std::sync::Condvar,
+    max_data_packs: usize,
 }
 
 impl Shared<'_> {
@@ -226,13 +234,40 @@ impl Shared<'_> {
         self.error.lock().expect("error slot poisoned").is_some()
     }
 
-    /// Encrypts a full pack and hands it to an upload thread (or uploads it
-    /// here once those have finished).
+    /// Takes a slot for a new data pack if one is free (or the backup has
+    /// failed, when nothing is waited for any more).
+    fn try_start_data_pack(&self) -> bool {
+        let mut n = self.data_packs.lock().expect("poisoned");
+        if *n < self.max_data_packs || self.failed() {
+            *n += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Waits until a data pack slot may be free.
+    fn wait_for_data_pack(&self) {
+        let n = self.data_packs.lock().expect("poisoned");
+        if *n >= self.max_data_packs && !self.failed() {
+            // Woken by an upload's end; the timeout rechecks for failure.
+            let _ = self
+                .data_pack_done
+                .wait_timeout(n, std::time::Duration::from_millis(100));
+        }
+    }
+
+    fn end_data_pack(&self) {
+        *self.data_packs.lock().expect("poisoned") -= 1;
+        self.data_pack_done.notify_one();
+    }
+
+    /// Seals a full pack (encrypted as it was built) and hands it to an
+    /// upload thread (or uploads it here once those have finished).
     fn flush_pack(&self, pack: PackBuilder, progress: &Progress) -> Result<()> {
         let kind = pack.kind();
-        let (plain, header) = pack.finish();
-        let ciphertext = self.repo.recipients().encrypt(&plain);
-        drop(plain);
+        // Encrypted as it was built (`PackBuilder::sealed`).
+        let (ciphertext, header) = pack.finish();
         let sealed = SealedPack {
             id: Id::of_bytes(&ciphertext),
             kind,
@@ -255,6 +290,14 @@ impl Shared<'_> {
     /// pack writes an index object so an interrupted backup leaves its
     /// uploaded packs usable by the next one.
     fn upload_pack(&self, pack: SealedPack, progress: &Progress) -> Result<()> {
+        /// Frees the pack's slot however the upload ends.
+        struct Slot<'s, 'r>(&'s Shared<'r>);
+        impl Drop for Slot<'_, '_> {
+            fn drop(&mut self) {
+                self.0.end_data_pack();
+            }
+        }
+        let _slot = (pack.kind == BlobKind::Data).then(|| Slot(self));
         self.repo.put_object(
             &pack_key(&pack.id),
             &pack.ciphertext,
@@ -354,23 +397,30 @@ fn pack_blob(
     shared
         .stored_added
         .fetch_add(frame.len() as u64, Ordering::Relaxed);
-    let full = {
+    let full = loop {
         let mut packers = shared.packers.lock().expect("packers poisoned");
-        // Data packs fill up at once; tree packs are often small, so they
-        // grow as needed instead of reserving a whole pack up front.
-        let capacity = match job.kind {
-            BlobKind::Data => pack_size + pack_size / 8,
-            BlobKind::Tree => 256 * 1024,
-        };
-        let pb = packers
-            .entry(job.kind)
-            .or_insert_with(|| PackBuilder::new(job.kind, capacity));
+        if !packers.contains_key(&job.kind) {
+            if job.kind == BlobKind::Data && !shared.try_start_data_pack() {
+                drop(packers);
+                shared.wait_for_data_pack();
+                continue;
+            }
+            // Data packs fill up at once; tree packs are often small, so
+            // they grow as needed instead of reserving a whole pack up front.
+            let capacity = match job.kind {
+                BlobKind::Data => pack_size + pack_size / 8,
+                BlobKind::Tree => 256 * 1024,
+            };
+            let pack = PackBuilder::sealed(job.kind, shared.repo.recipients(), capacity);
+            packers.insert(job.kind, pack);
+        }
+        let pb = packers.get_mut(&job.kind).expect("just made sure");
         pb.add(job.id, job.data.len() as u32, frame);
-        if pb.len() >= pack_size {
+        break if pb.len() >= pack_size {
             packers.remove(&job.kind)
         } else {
             None
-        }
+        };
     };
     if let Some(pack) = full {
         if let Err(e) = shared.flush_pack(pack, progress) {
@@ -1233,6 +1283,10 @@ fn run(
         blobs_added: AtomicU64::new(0),
         raw_added: AtomicU64::new(0),
         stored_added: AtomicU64::new(0),
+        data_packs: Mutex::new(0),
+        data_pack_done: std::sync::Condvar::new(),
+        // One filling, one sealed and waiting, one per upload thread.
+        max_data_packs: repo.backend().concurrency().clamp(1, 64) + 2,
     };
     let workers = crate::parallel::worker_count();
     let (tx, rx) = bounded::<Job>(workers);

@@ -75,20 +75,26 @@ impl Recipients {
 
     /// Encrypts `plaintext` into an age file readable by any of the recipients.
     pub fn encrypt(&self, plaintext: &[u8]) -> Vec<u8> {
+        let mut writer = self.encrypting(plaintext.len());
+        writer
+            .write_all(plaintext)
+            .expect("writing to a Vec cannot fail");
+        writer.finish().expect("writing to a Vec cannot fail")
+    }
+
+    /// A writer that encrypts what is written to it into an age file
+    /// readable by any of the recipients, for about `size` bytes of
+    /// plaintext; `finish` returns the file.
+    pub fn encrypting(&self, size: usize) -> age::stream::StreamWriter<Vec<u8>> {
         let encryptor = age::Encryptor::with_recipients(
             self.recipients.iter().map(|r| r as &dyn age::Recipient),
         )
         .expect("x25519 recipients always wrap");
         // age adds a header of ~200 bytes and 16 bytes per 64 KiB segment.
-        let mut out = Vec::with_capacity(plaintext.len() + plaintext.len() / 4096 + 512);
-        let mut writer = encryptor
-            .wrap_output(&mut out)
-            .expect("writing to a Vec cannot fail");
-        writer
-            .write_all(plaintext)
-            .expect("writing to a Vec cannot fail");
-        writer.finish().expect("writing to a Vec cannot fail");
-        out
+        let out = Vec::with_capacity(size + size / 4096 + 512);
+        encryptor
+            .wrap_output(out)
+            .expect("writing to a Vec cannot fail")
     }
 }
 

@@ -294,38 +294,86 @@ impl FrameDecoder {
     }
 }
 
-/// Accumulates blob frames into one pack's plaintext.
-#[derive(Debug)]
+/// Accumulates blob frames into one pack: its plaintext, or (made with
+/// [`PackBuilder::sealed`]) its ciphertext, encrypted as the frames arrive.
 pub struct PackBuilder {
     kind: BlobKind,
-    buf: Vec<u8>,
+    out: Sink,
+    /// Plaintext bytes so far.
+    len: usize,
     entries: Vec<PackEntry>,
 }
 
+/// Where a pack's bytes go.
+enum Sink {
+    Plain(Vec<u8>),
+    /// The age stream writer: a backup never holds a sealed pack's
+    /// plaintext and ciphertext at once (they were 8 MiB each).
+    Sealing(age::stream::StreamWriter<Vec<u8>>),
+}
+
+impl std::fmt::Debug for PackBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackBuilder")
+            .field("kind", &self.kind)
+            .field("len", &self.len)
+            .field("blobs", &self.entries.len())
+            .field("sealed", &matches!(self.out, Sink::Sealing(_)))
+            .finish()
+    }
+}
+
 impl PackBuilder {
-    /// An empty pack of blobs of `kind`.
+    /// An empty pack of blobs of `kind`, kept as plaintext.
     pub fn new(kind: BlobKind, capacity: usize) -> PackBuilder {
         PackBuilder {
             kind,
-            buf: Vec::with_capacity(capacity),
+            out: Sink::Plain(Vec::with_capacity(capacity)),
+            len: 0,
             entries: Vec::new(),
         }
+    }
+
+    /// An empty pack of blobs of `kind`, encrypted to `recipients` as it is
+    /// built: [`PackBuilder::finish`] then returns the stored bytes.
+    pub fn sealed(
+        kind: BlobKind,
+        recipients: &crate::crypto::Recipients,
+        capacity: usize,
+    ) -> PackBuilder {
+        PackBuilder {
+            kind,
+            out: Sink::Sealing(recipients.encrypting(capacity)),
+            len: 0,
+            entries: Vec::new(),
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        match &mut self.out {
+            Sink::Plain(buf) => buf.extend_from_slice(bytes),
+            Sink::Sealing(w) => {
+                use std::io::Write;
+                w.write_all(bytes).expect("writing to a Vec cannot fail")
+            }
+        }
+        self.len += bytes.len();
     }
 
     /// Appends an encoded frame for blob `id` of `raw_length` plaintext bytes.
     pub fn add(&mut self, id: Id, raw_length: u32, frame: &[u8]) {
         self.entries.push(PackEntry {
             id,
-            offset: self.buf.len() as u32,
+            offset: self.len as u32,
             length: frame.len() as u32,
             raw_length,
         });
-        self.buf.extend_from_slice(frame);
+        self.write(frame);
     }
 
-    /// Bytes so far.
+    /// Plaintext bytes so far.
     pub fn len(&self) -> usize {
-        self.buf.len()
+        self.len
     }
 
     /// True when no blob was added.
@@ -338,7 +386,9 @@ impl PackBuilder {
         self.kind
     }
 
-    /// Appends the header trailer and returns the plaintext and the entries.
+    /// Appends the header trailer and returns the pack's bytes (its
+    /// plaintext, or for a [`PackBuilder::sealed`] one its ciphertext) and
+    /// the entries.
     pub fn finish(mut self) -> (Vec<u8>, PackHeader) {
         let header = PackHeader {
             version: 1,
@@ -346,14 +396,18 @@ impl PackBuilder {
             blobs: std::mem::take(&mut self.entries),
         };
         let json = serde_json::to_vec(&header).expect("pack header serialises");
-        self.buf.extend_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
-        self.buf
-            .extend_from_slice(&((json.len() + 8) as u32).to_le_bytes());
-        self.buf.extend_from_slice(&json);
-        self.buf
-            .extend_from_slice(&(json.len() as u32).to_le_bytes());
-        self.buf.extend_from_slice(TRAILER_MAGIC);
-        (self.buf, header)
+        let mut trailer = Vec::with_capacity(json.len() + 16);
+        trailer.extend_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
+        trailer.extend_from_slice(&((json.len() + 8) as u32).to_le_bytes());
+        trailer.extend_from_slice(&json);
+        trailer.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        trailer.extend_from_slice(TRAILER_MAGIC);
+        self.write(&trailer);
+        let bytes = match self.out {
+            Sink::Plain(buf) => buf,
+            Sink::Sealing(w) => w.finish().expect("writing to a Vec cannot fail"),
+        };
+        (bytes, header)
     }
 }
 
@@ -401,6 +455,32 @@ pub fn parse_pack(plain: &[u8]) -> Result<PackHeader, String> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_sealed_pack_decrypts_to_the_pack_a_plain_builder_makes() {
+        let key = crate::crypto::MasterKey::generate();
+        let recipients = crate::crypto::Recipients::parse(&[key.recipient()]).unwrap();
+        let mut plain = PackBuilder::new(BlobKind::Data, 0);
+        let mut sealed = PackBuilder::sealed(BlobKind::Data, &recipients, 1000);
+        let mut enc = BlobEncoder::new(3);
+        // Frames straddling age's 64 KiB segments, and a tiny one.
+        for (i, len) in [70_000usize, 3, 200_000, 65_536].into_iter().enumerate() {
+            let data = crate::testutil::pseudo_random(len, i as u64);
+            let mut frame = Vec::new();
+            enc.encode_into(&data, &mut frame);
+            let id = Id::of_bytes(&data);
+            plain.add(id, len as u32, &frame);
+            sealed.add(id, len as u32, &frame);
+        }
+        assert_eq!(plain.len(), sealed.len());
+        let (plaintext, plain_header) = plain.finish();
+        let (ciphertext, sealed_header) = sealed.finish();
+        assert_eq!(plain_header.blobs, sealed_header.blobs);
+        assert_ne!(ciphertext, plaintext);
+        let opened = key.decrypt(&ciphertext, &|| "pack".into()).unwrap();
+        assert!(opened == plaintext, "same bytes once decrypted");
+        assert_eq!(parse_pack(&opened).unwrap().blobs, plain_header.blobs);
+    }
 
     #[test]
     fn raw_frames_decode_with_the_zstd_library() {
