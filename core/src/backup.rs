@@ -1083,14 +1083,11 @@ impl<'a, 'r> Walker<'a, 'r> {
     /// to `top` (and `None` is returned). Otherwise `None`, and
     /// [`Walker::finish`] completes it later.
     fn seal(&mut self, dir: usize) -> Result<Option<Id>> {
-        let p = self.pending(dir);
-        p.listed = true;
-        if !p.tickets.is_empty() || p.open_dirs > 0 {
+        self.pending(dir).listed = true;
+        let Some((parent, nodes)) = self.take_if_done(dir) else {
             return Ok(None);
-        }
-        let p = self.pending.remove(&dir).expect("a pending directory");
-        let nodes: Vec<Node> = p.nodes.into_iter().flatten().collect();
-        match p.parent {
+        };
+        match parent {
             Parent::Top => {
                 self.top = Some(nodes);
                 Ok(None)
@@ -1099,6 +1096,17 @@ impl<'a, 'r> Walker<'a, 'r> {
                 self.store_blob(BlobKind::Tree, Tree { nodes }.to_bytes())?,
             )),
         }
+    }
+
+    /// Removes pending directory `dir` once it is sealed and waits for
+    /// nothing; returns who waits for it and its nodes.
+    fn take_if_done(&mut self, dir: usize) -> Option<(Parent, Vec<Node>)> {
+        let p = self.pending(dir);
+        if !p.listed || !p.tickets.is_empty() || p.open_dirs > 0 {
+            return None;
+        }
+        let p = self.pending.remove(&dir).expect("a pending directory");
+        Some((p.parent, p.nodes.into_iter().flatten().collect()))
     }
 
     /// Books a file worker's answer into its node.
@@ -1124,13 +1132,10 @@ impl<'a, 'r> Walker<'a, 'r> {
     /// then does the same for its parent, which it completes.
     fn finish(&mut self, mut dir: usize) -> Result<()> {
         loop {
-            let p = self.pending(dir);
-            if !p.listed || !p.tickets.is_empty() || p.open_dirs > 0 {
+            let Some((parent, nodes)) = self.take_if_done(dir) else {
                 return Ok(());
-            }
-            let p = self.pending.remove(&dir).expect("a pending directory");
-            let nodes: Vec<Node> = p.nodes.into_iter().flatten().collect();
-            let Parent::Dir { dir: up, slot } = p.parent else {
+            };
+            let Parent::Dir { dir: up, slot } = parent else {
                 self.top = Some(nodes);
                 return Ok(());
             };

@@ -184,10 +184,11 @@ impl IndexBuilder {
         self.entries.sort_unstable_by_key(record_key);
         self.entries.dedup();
         self.entries.shrink_to_fit();
-        let mut buckets = vec![0u32; BUCKETS + 1];
-        fill_buckets(&mut buckets, self.entries.len(), |e| {
-            bucket_of(&self.entries[e].0)
-        });
+        let mut counts = BucketCounts::new();
+        for (id, _) in &self.entries {
+            counts.add(id);
+        }
+        let buckets = counts.table();
         let mut runs = Vec::new();
         if let Some(base) = self.base {
             runs = base.runs;
@@ -198,17 +199,9 @@ impl IndexBuilder {
                 buckets,
             });
         }
-        let mut by_id: Vec<u32> = (0..self.packs.len() as u32).collect();
-        by_id.sort_unstable_by_key(|&pos| self.packs[pos as usize].id);
         self.covers.sort_unstable();
         self.covers.dedup();
-        Index {
-            runs,
-            set_aside: vec![false; self.packs.len()],
-            packs: self.packs,
-            by_id,
-            covers: self.covers,
-        }
+        Index::assemble(runs, self.packs, self.covers)
     }
 }
 
@@ -219,15 +212,31 @@ pub(crate) fn record_key(r: &(Id, BlobLocation)) -> (Id, u32, u32, u32, u32) {
     (*id, l.pack, l.offset, l.length, l.raw_length)
 }
 
-/// Fills `buckets[b]` with the first of `len` records whose ID starts with
-/// the 16 bits `b` (`bucket(i)` is record i's bucket; records sorted).
-pub(crate) fn fill_buckets(buckets: &mut [u32], len: usize, bucket: impl Fn(usize) -> usize) {
-    let mut e = 0usize;
-    for (b, slot) in buckets.iter_mut().enumerate() {
-        while e < len && bucket(e) < b {
-            e += 1;
+/// Counts records per 16-bit ID prefix, for a run's bucket table (built in
+/// memory, written to and checked in the index cache file alike).
+pub(crate) struct BucketCounts(Vec<u32>);
+
+impl BucketCounts {
+    pub(crate) fn new() -> BucketCounts {
+        BucketCounts(vec![0; BUCKETS])
+    }
+
+    /// Counts one record.
+    pub(crate) fn add(&mut self, id: &Id) {
+        self.0[bucket_of(id)] += 1;
+    }
+
+    /// The bucket table of the counted (sorted) records: where the records
+    /// of each prefix start, then their total.
+    pub(crate) fn table(&self) -> Vec<u32> {
+        let mut table = Vec::with_capacity(BUCKETS + 1);
+        let mut sum = 0u32;
+        for count in &self.0 {
+            table.push(sum);
+            sum += count;
         }
-        *slot = e as u32;
+        table.push(sum);
+        table
     }
 }
 
@@ -377,10 +386,15 @@ impl Index {
 
     /// An index of one run (from the index cache file).
     pub(crate) fn from_parts(run: Run, packs: Vec<PackInfo>, covers: Vec<Id>) -> Index {
+        Index::assemble(vec![run], packs, covers)
+    }
+
+    /// An index of `runs` over `packs`, nothing set aside.
+    fn assemble(runs: Vec<Run>, packs: Vec<PackInfo>, covers: Vec<Id>) -> Index {
         let mut by_id: Vec<u32> = (0..packs.len() as u32).collect();
         by_id.sort_unstable_by_key(|&pos| packs[pos as usize].id);
         Index {
-            runs: vec![run],
+            runs,
             set_aside: vec![false; packs.len()],
             packs,
             by_id,

@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::fsmeta::Mapped;
 use crate::id::Id;
 use crate::index::{
-    bucket_of, decode_record, encode_record, record_key, BlobLocation, Index, PackInfo, Records,
+    decode_record, encode_record, record_key, BlobLocation, BucketCounts, Index, PackInfo, Records,
     Run, BUCKETS, RECORD,
 };
 use crate::pack::BlobKind;
@@ -181,8 +181,7 @@ fn verify(file: &File, repo_id: &str, key: &[u8; 32]) -> std::result::Result<Ind
         packs.push(decode_pack(&p).ok_or_else(|| Damage::Bad("a pack entry is invalid".into()))?);
     }
     // Records, a batch at a time: in order, unique, naming known packs.
-    let mut buckets = vec![0u32; BUCKETS + 1];
-    let mut counts = vec![0u32; BUCKETS];
+    let mut counts = BucketCounts::new();
     let mut prev: Option<(Id, BlobLocation)> = None;
     let mut batch = vec![0u8; RECORD * 4096];
     let mut left = n_records as usize;
@@ -198,16 +197,12 @@ fn verify(file: &File, repo_id: &str, key: &[u8; 32]) -> std::result::Result<Ind
             if prev.is_some_and(|p| record_key(&p) >= record_key(&rec)) {
                 return bad("records out of order");
             }
-            counts[bucket_of(&rec.0)] += 1;
+            counts.add(&rec.0);
             prev = Some(rec);
         }
         left -= n;
     }
-    let mut sum = 0u32;
-    for (slot, count) in buckets.iter_mut().zip(counts.iter().chain([&0])) {
-        *slot = sum;
-        sum += count;
-    }
+    let buckets = counts.table();
     let mut table = vec![0u8; BUCKET_TABLE];
     r.take(&mut table)?;
     let matches = table
@@ -374,18 +369,16 @@ fn write_to(temp: &Path, repo_id: &str, key: &[u8; 32], index: &Index) -> std::i
             flush(&mut buf, &mut w)?;
         }
     }
-    let mut counts = vec![0u32; BUCKETS];
+    let mut counts = BucketCounts::new();
     for (id, loc) in merged(runs) {
-        counts[bucket_of(&id)] += 1;
+        counts.add(&id);
         encode_record(&id, &loc, &mut buf);
         if buf.len() >= 1 << 15 {
             flush(&mut buf, &mut w)?;
         }
     }
-    let mut sum = 0u32;
-    for count in counts.iter().chain([&0]) {
-        buf.extend_from_slice(&sum.to_le_bytes());
-        sum += count;
+    for start in counts.table() {
+        buf.extend_from_slice(&start.to_le_bytes());
     }
     flush(&mut buf, &mut w)?;
     w.write_all(hash.finalize().as_bytes())?;
