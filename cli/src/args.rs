@@ -431,6 +431,11 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "ENTRIES", default_value_t = lifeboat_core::restore::DEFAULT_BATCH as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub batch: u32,
+    /// Load the blob index from the repository even where the local cache
+    /// holds a copy of it (a restore maps that copy instead of loading
+    /// every index object, and never writes one).
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 /// `dump`.

@@ -575,6 +575,7 @@ fn restore(g: &Global, a: &RestoreArgs) -> Result<u8> {
         overwrite: a.overwrite,
         cancel: None,
         batch: a.batch as usize,
+        index_cache: if a.no_cache { None } else { cache_dir(g) },
     };
     let start = std::time::Instant::now();
     let report = lifeboat_core::restore::restore(&repo, &snap.tree, &opts)?;

@@ -497,6 +497,62 @@ fn a_cached_index_never_lets_a_backup_reuse_condemned_or_pruned_data() {
 }
 
 #[test]
+fn a_restore_maps_a_valid_index_cache_never_writes_one_and_survives_a_damaged_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, repo) = two_trees_and_a_repo(tmp.path(), (7, 8));
+    let cache = tmp.path().join("cache");
+    let ra = backup_dir(&repo, &a, Some(&cache)).unwrap();
+    // The second backup writes the cache file (covering a's index object);
+    // b's own index object stays outside it.
+    let rb = backup_dir(&repo, &b, Some(&cache)).unwrap();
+    let file = crate::index_cache::path(&cache, &repo.config().id);
+    assert!(file.exists(), "the second backup writes the cache file");
+    let restore_with = |tree: &Id, src: &Path, dir: &Path| {
+        let out = tempfile::tempdir().unwrap();
+        let r = restore(
+            &repo,
+            tree,
+            &RestoreOptions {
+                target: out.path().to_path_buf(),
+                index_cache: Some(dir.to_path_buf()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(r.failures.is_empty(), "{r:?}");
+        same_files(src, &restored_root(out.path(), src));
+    };
+
+    // A machine without a cache (a disaster recovery) restores from the
+    // index objects and is left without a file to clean up.
+    let empty = tmp.path().join("no-cache-yet");
+    restore_with(&ra.snapshot.tree, &a, &empty);
+    assert!(!empty.exists(), "a restore wrote into the cache directory");
+
+    // With the file, the index is mapped, with b's object loaded on top.
+    let index = repo.load_index_reusing_cache(&cache).unwrap();
+    assert!(
+        matches!(
+            index.runs()[0].records,
+            crate::index::Records::Mapped { .. }
+        ),
+        "the valid cache file is mapped"
+    );
+    assert_eq!(index.len(), repo.load_index().unwrap().len());
+    drop(index);
+    restore_with(&ra.snapshot.tree, &a, &cache);
+    restore_with(&rb.snapshot.tree, &b, &cache);
+
+    // A damaged file is set aside, and the restore still completes.
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&file, &bytes).unwrap();
+    restore_with(&rb.snapshot.tree, &b, &cache);
+    assert!(!file.exists(), "the damaged cache file is removed");
+}
+
+#[test]
 fn a_backup_refuses_to_commit_when_a_newer_plan_condemns_a_pack_it_used() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = Repository::init(

@@ -898,6 +898,17 @@ impl Repository {
         }
     }
 
+    /// Loads the index on top of the index cache file under `cache_dir`
+    /// where that file is valid (mapped, as for a backup), else from the
+    /// index objects alone, and never writes the file: for readers such
+    /// as restore, which should not pay for building a cache on a machine
+    /// that has none.
+    pub fn load_index_reusing_cache(&self, cache_dir: &Path) -> Result<Index> {
+        let key = self.ids().derive(crate::index_cache::MAC_PURPOSE);
+        let cached = crate::index_cache::open(cache_dir, &self.config().id, &key);
+        self.load_index_over(cached)
+    }
+
     /// Loads every index object not covered by `base` on top of it (all of
     /// them without a base, or when an object `base` covers is gone).
     fn load_index_over(&self, base: Option<Index>) -> Result<Index> {

@@ -65,6 +65,12 @@ pub struct RestoreOptions {
     /// snapshot; a larger batch rereads fewer packs whose blobs straddle
     /// batches.
     pub batch: usize,
+    /// The local cache directory whose copy of the blob index (the file
+    /// backups keep there) is mapped instead of loading every index object,
+    /// when it holds a valid one. A restore never writes it: on a machine
+    /// without one (a disaster recovery) the index is loaded from the
+    /// repository as before, with no file to build on the way.
+    pub index_cache: Option<PathBuf>,
 }
 
 /// Entries a restore plans and writes at a time, unless told otherwise.
@@ -1527,7 +1533,10 @@ pub fn restore(
 ) -> Result<RestoreReport> {
     repo.require_full_key("restore")?;
     let clock = std::time::Instant::now();
-    let index = repo.load_index()?;
+    let index = match &opts.index_cache {
+        Some(dir) => repo.load_index_reusing_cache(dir)?,
+        None => repo.load_index()?,
+    };
     let filter = Filter::new(opts)?;
     repo.clear_pack_cache();
     if !opts.dry_run {

@@ -299,6 +299,9 @@ fn restore_verify_validate(
         includes,
         verify: true,
         cancel: Some(stop.clone()),
+        // No index cache: a drill proves recovery from the repository
+        // alone, as on a machine that lost its own.
+        index_cache: None,
         ..RestoreOptions::default()
     };
     let mut timed_out = false;
