@@ -298,23 +298,27 @@ impl Shared<'_> {
             }
         }
         let _slot = (pack.kind == BlobKind::Data).then(|| Slot(self));
-        self.repo.put_object(
-            &pack_key(&pack.id),
-            &pack.ciphertext,
-            self.retention.as_ref(),
-        )?;
-        progress
-            .bytes_stored
-            .fetch_add(pack.ciphertext.len() as u64, Ordering::Relaxed);
-        self.written_packs.lock().expect("poisoned").push(pack.id);
+        let SealedPack {
+            id,
+            kind,
+            blobs,
+            ciphertext,
+        } = pack;
+        let size = ciphertext.len() as u64;
+        // Shared, not lent: the store's layers keep a reference instead of
+        // a copy of the pack (the timeout layer's request thread did).
+        self.repo
+            .put_object(&pack_key(&id), ciphertext, self.retention.as_ref())?;
+        progress.bytes_stored.fetch_add(size, Ordering::Relaxed);
+        self.written_packs.lock().expect("poisoned").push(id);
         let full = {
             let mut unindexed = self.unindexed.lock().expect("poisoned");
             unindexed.push(IndexPack {
                 locked_until: self.retention.map(|r| r.until),
-                id: pack.id,
-                kind: pack.kind,
-                size: pack.ciphertext.len() as u64,
-                blobs: pack.blobs,
+                id,
+                kind,
+                size,
+                blobs,
             });
             if unindexed.len() >= PACKS_PER_INDEX {
                 std::mem::take(&mut *unindexed)

@@ -601,12 +601,13 @@ fn write_pack(
     let (plain, header) = builder.finish();
     let ct = repo.recipients().encrypt(&plain);
     let id = Id::of_bytes(&ct);
-    repo.put_object(&pack_key(&id), &ct, retention)?;
+    let size = ct.len() as u64;
+    repo.put_object(&pack_key(&id), ct, retention)?;
     Ok(IndexPack {
         locked_until: retention.map(|r| r.until),
         id,
         kind,
-        size: ct.len() as u64,
+        size,
         blobs: header.blobs,
     })
 }

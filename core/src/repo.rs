@@ -763,21 +763,20 @@ impl Repository {
         };
         let ciphertext = recipients.encrypt(&compressed);
         let id = Id::of_bytes(&ciphertext);
-        self.put_object(&format!("{prefix}/{id}"), &ciphertext, retention)?;
+        self.put_object(&format!("{prefix}/{id}"), ciphertext, retention)?;
         Ok(id)
     }
 
     /// Stores an object, with an Object Lock retention when one is given.
+    /// The bytes are shared with the store's layers, never copied
+    /// ([`Backend::put_shared`]).
     pub fn put_object(
         &self,
         key: &str,
-        bytes: &[u8],
+        bytes: impl Into<bytes::Bytes>,
         retention: Option<&Retention>,
     ) -> Result<PutOutcome> {
-        Ok(match retention {
-            Some(r) => self.backend.put_retained(key, bytes, r)?,
-            None => self.backend.put(key, bytes)?,
-        })
+        Ok(self.backend.put_shared(key, bytes.into(), retention)?)
     }
 
     /// Reads an object named by the hash of its bytes. A copy that does not

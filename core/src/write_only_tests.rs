@@ -412,7 +412,7 @@ fn prune_never_tries_to_delete_a_locked_pack_and_says_when_it_can() {
         let (plain, header) = pb.finish();
         let ct = repo.recipients().encrypt(&plain);
         let id = Id::of_bytes(&ct);
-        repo.put_object(&pack_key(&id), &ct, Some(&retention))
+        repo.put_object(&pack_key(&id), ct.clone(), Some(&retention))
             .unwrap();
         if i == 0 {
             repo.save_json_retained(

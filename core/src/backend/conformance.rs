@@ -12,6 +12,7 @@ use super::{Backend, BackendError, PutOutcome};
 pub fn run_all(backend: &dyn Backend) {
     put_then_get_returns_the_same_bytes(backend);
     put_is_put_if_absent(backend);
+    a_shared_put_stores_what_a_put_stores(backend);
     get_of_missing_object_is_not_found(backend);
     ranged_get_returns_the_range_and_clips_at_the_end(backend);
     list_returns_exactly_the_keys_under_a_prefix(backend);
@@ -104,6 +105,32 @@ fn put_is_put_if_absent(b: &dyn Backend) {
         b.get("conf/once", None).unwrap(),
         b"first",
         "a second put never overwrites"
+    );
+}
+
+fn a_shared_put_stores_what_a_put_stores(b: &dyn Backend) {
+    let data: Vec<u8> = (0..70_000u32).map(|i| (i * 13 % 251) as u8).collect();
+    let shared = bytes::Bytes::from(data.clone());
+    assert_eq!(
+        b.put_shared("conf/shared", shared, None).unwrap(),
+        PutOutcome::Created,
+        "a shared put creates a new object"
+    );
+    assert_eq!(
+        b.get("conf/shared", None).unwrap(),
+        data,
+        "get returns what a shared put stored"
+    );
+    assert_eq!(
+        b.put_shared("conf/shared", bytes::Bytes::from_static(b"other"), None)
+            .unwrap(),
+        PutOutcome::AlreadyExists,
+        "a shared put is put-if-absent"
+    );
+    assert_eq!(
+        b.get("conf/shared", None).unwrap(),
+        data,
+        "a refused shared put leaves the object untouched"
     );
 }
 

@@ -238,6 +238,23 @@ pub trait Backend: Send + Sync + fmt::Debug {
         let _ = retention;
         Err(no_object_lock(key, &self.location()))
     }
+    /// [`put`](Backend::put), or [`put_retained`](Backend::put_retained)
+    /// when a retention is given, of bytes the caller shares instead of
+    /// lending. A layer that must keep them past the call (a request
+    /// thread that may outlive its deadline, an HTTP body) then keeps a
+    /// reference, where a lent slice costs it a copy of the whole object.
+    /// The default lends them.
+    fn put_shared(
+        &self,
+        key: &str,
+        data: bytes::Bytes,
+        retention: Option<&Retention>,
+    ) -> Result<PutOutcome, BackendError> {
+        match retention {
+            Some(r) => self.put_retained(key, &data, r),
+            None => self.put(key, &data),
+        }
+    }
 }
 
 /// The error of a store without Object Lock asked to retain an object.

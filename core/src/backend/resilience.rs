@@ -96,6 +96,15 @@ macro_rules! forward_through_call {
         ) -> Result<(), BackendError> {
             self.call(key, |b| b.extend_retention(key, retention))
         }
+        fn put_shared(
+            &self,
+            key: &str,
+            data: bytes::Bytes,
+            retention: Option<&super::Retention>,
+        ) -> Result<PutOutcome, BackendError> {
+            // A clone per attempt shares the bytes; it copies nothing.
+            self.call(key, |b| b.put_shared(key, data.clone(), retention))
+        }
     };
 }
 
@@ -696,11 +705,20 @@ impl Timeout {
 
 impl Backend for Timeout {
     fn put(&self, key: &str, data: &[u8]) -> Result<PutOutcome, BackendError> {
-        // The thread may outlive this call, so it must own a copy of the
-        // bytes; one memcpy is cheap next to a network upload.
-        let (k, data) = (key.to_string(), data.to_vec());
+        // The thread may outlive this call, so it must own a copy of lent
+        // bytes; callers that can share them use `put_shared`.
+        self.put_shared(key, bytes::Bytes::copy_from_slice(data), None)
+    }
+    /// The request thread holds a reference to the shared bytes: no copy.
+    fn put_shared(
+        &self,
+        key: &str,
+        data: bytes::Bytes,
+        retention: Option<&super::Retention>,
+    ) -> Result<PutOutcome, BackendError> {
+        let (k, r) = (key.to_string(), retention.copied());
         let deadline = self.deadline(data.len() as u64);
-        self.run(key, deadline, move |b| b.put(&k, &data))
+        self.run(key, deadline, move |b| b.put_shared(&k, data, r.as_ref()))
     }
     fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<Vec<u8>, BackendError> {
         let size = range.as_ref().map_or(0, |r| r.end.saturating_sub(r.start));
@@ -755,9 +773,7 @@ impl Backend for Timeout {
         data: &[u8],
         retention: &super::Retention,
     ) -> Result<PutOutcome, BackendError> {
-        let (k, data, r) = (key.to_string(), data.to_vec(), *retention);
-        let deadline = self.deadline(data.len() as u64);
-        self.run(key, deadline, move |b| b.put_retained(&k, &data, &r))
+        self.put_shared(key, bytes::Bytes::copy_from_slice(data), Some(retention))
     }
     fn extend_retention(
         &self,
@@ -1253,6 +1269,85 @@ mod tests {
         conformance::run_all(&*stack.backend);
         assert_eq!(stack.breaker.state(), BreakerState::Closed);
         assert_eq!(stack.breaker.times_opened(), 0);
+    }
+
+    /// A memory store that records where the bytes of each shared put
+    /// live, so a test can tell whether a layer above copied them.
+    #[derive(Debug, Default)]
+    struct SeesBytes {
+        mem: MemoryBackend,
+        seen: Mutex<Vec<usize>>,
+    }
+
+    impl Backend for SeesBytes {
+        fn put(&self, key: &str, data: &[u8]) -> Result<PutOutcome, BackendError> {
+            self.mem.put(key, data)
+        }
+        fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<Vec<u8>, BackendError> {
+            self.mem.get(key, range)
+        }
+        fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
+            self.mem.list(prefix)
+        }
+        fn delete(&self, key: &str) -> Result<(), BackendError> {
+            self.mem.delete(key)
+        }
+        fn stat(&self, key: &str) -> Result<ObjectInfo, BackendError> {
+            self.mem.stat(key)
+        }
+        fn location(&self) -> String {
+            "sees-bytes".into()
+        }
+        fn object_lock(&self) -> bool {
+            true
+        }
+        fn put_shared(
+            &self,
+            key: &str,
+            data: bytes::Bytes,
+            retention: Option<&super::super::Retention>,
+        ) -> Result<PutOutcome, BackendError> {
+            self.seen.lock().unwrap().push(data.as_ptr() as usize);
+            match retention {
+                Some(r) => self.mem.put_retained(key, &data, r),
+                None => self.mem.put(key, &data),
+            }
+        }
+    }
+
+    #[test]
+    fn a_shared_put_reaches_the_store_through_every_layer_without_a_copy() {
+        let inner = Arc::new(SeesBytes {
+            mem: MemoryBackend::with_object_lock(),
+            seen: Mutex::default(),
+        });
+        let stack = resilient(inner.clone(), &ResiliencePolicy::default());
+        // 8 MiB, a pack: the timeout layer used to copy it for its thread.
+        let data = bytes::Bytes::from(vec![7u8; 8 << 20]);
+        let retention = super::super::Retention {
+            mode: super::super::LockMode::Governance,
+            until: chrono::Utc::now() + chrono::Duration::days(1),
+        };
+        let b = &stack.backend;
+        assert_eq!(
+            b.put_shared("data/ab/plain", data.clone(), None).unwrap(),
+            PutOutcome::Created
+        );
+        assert_eq!(
+            b.put_shared("data/ab/locked", data.clone(), Some(&retention))
+                .unwrap(),
+            PutOutcome::Created
+        );
+        assert_eq!(
+            *inner.seen.lock().unwrap(),
+            [data.as_ptr() as usize; 2],
+            "the store got the caller's bytes, not a copy"
+        );
+        assert_eq!(b.get("data/ab/locked", None).unwrap(), data.to_vec());
+        assert!(
+            b.delete("data/ab/locked").is_err(),
+            "the retention went through with the bytes"
+        );
     }
 
     #[test]

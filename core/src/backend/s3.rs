@@ -762,7 +762,20 @@ fn s3_time(t: chrono::DateTime<chrono::Utc>) -> aws_sdk_s3::primitives::DateTime
 
 impl Backend for S3Backend {
     fn put(&self, key: &str, data: &[u8]) -> Result<PutOutcome, BackendError> {
-        self.put_with(key, data, None)
+        self.put_with(key, Bytes::copy_from_slice(data), None)
+    }
+
+    /// The request body shares the caller's bytes instead of copying them.
+    fn put_shared(
+        &self,
+        key: &str,
+        data: Bytes,
+        retention: Option<&Retention>,
+    ) -> Result<PutOutcome, BackendError> {
+        if retention.is_some() && !self.object_lock() {
+            return Err(super::no_object_lock(key, &self.location()));
+        }
+        self.put_with(key, data, retention)
     }
 
     fn object_lock(&self) -> bool {
@@ -778,7 +791,7 @@ impl Backend for S3Backend {
         if !self.object_lock() {
             return Err(super::no_object_lock(key, &self.location()));
         }
-        self.put_with(key, data, Some(retention))
+        self.put_with(key, Bytes::copy_from_slice(data), Some(retention))
     }
 
     fn extend_retention(&self, key: &str, retention: &Retention) -> Result<(), BackendError> {
@@ -1106,7 +1119,7 @@ impl S3Backend {
     fn put_with(
         &self,
         key: &str,
-        data: &[u8],
+        body: Bytes,
         retention: Option<&Retention>,
     ) -> Result<PutOutcome, BackendError> {
         validate_key(key)?;
@@ -1119,8 +1132,7 @@ impl S3Backend {
                 Err(_) => return Err(unexpected(key, "stat before put")),
             }
         }
-        let body = Bytes::copy_from_slice(data);
-        let result = if data.len() > self.opts.multipart_threshold && retention.is_none() {
+        let result = if body.len() > self.opts.multipart_threshold && retention.is_none() {
             self.put_multipart(key, &full, body)
         } else {
             self.put_single(key, &full, body, retention)
