@@ -220,6 +220,11 @@ struct Shared<'r> {
     data_packs: Mutex<usize>,
     data_pack_done: std::sync::Condvar,
     max_data_packs: usize,
+    /// Buffers of uploaded data packs, handed to the next ones: a backup
+    /// allocates at most `max_data_packs` pack buffers, so their pages are
+    /// faulted in once (the CLI has glibc serve buffers this large with
+    /// their own mappings during a backup).
+    spare_packs: Mutex<Vec<Vec<u8>>>,
 }
 
 impl Shared<'_> {
@@ -307,8 +312,16 @@ impl Shared<'_> {
         let size = ciphertext.len() as u64;
         // Shared, not lent: the store's layers keep a reference instead of
         // a copy of the pack (the timeout layer's request thread did).
+        let bytes = bytes::Bytes::from(ciphertext);
         self.repo
-            .put_object(&pack_key(&id), ciphertext, self.retention.as_ref())?;
+            .put_object(&pack_key(&id), bytes.clone(), self.retention.as_ref())?;
+        // Back to the pool, unless a layer still holds the bytes (a request
+        // thread abandoned past its deadline).
+        if kind == BlobKind::Data {
+            if let Ok(buf) = bytes.try_into_mut() {
+                self.spare_packs.lock().expect("poisoned").push(buf.into());
+            }
+        }
         progress.bytes_stored.fetch_add(size, Ordering::Relaxed);
         self.written_packs.lock().expect("poisoned").push(id);
         let full = {
@@ -415,7 +428,16 @@ fn pack_blob(
                 BlobKind::Data => pack_size + pack_size / 8,
                 BlobKind::Tree => 256 * 1024,
             };
-            let pack = PackBuilder::sealed(job.kind, shared.repo.recipients(), capacity);
+            let spare = match job.kind {
+                BlobKind::Data => shared.spare_packs.lock().expect("poisoned").pop(),
+                BlobKind::Tree => None,
+            };
+            let pack = PackBuilder::sealed_into(
+                job.kind,
+                shared.repo.recipients(),
+                spare.unwrap_or_default(),
+                capacity,
+            );
             packers.insert(job.kind, pack);
         }
         let pb = packers.get_mut(&job.kind).expect("just made sure");
@@ -1296,6 +1318,7 @@ fn run(
         data_pack_done: std::sync::Condvar::new(),
         // One filling, one sealed and waiting, one per upload thread.
         max_data_packs: repo.backend().concurrency().clamp(1, 64) + 2,
+        spare_packs: Mutex::new(Vec::new()),
     };
     let workers = crate::parallel::worker_count();
     let (tx, rx) = bounded::<Job>(workers);

@@ -86,12 +86,23 @@ impl Recipients {
     /// readable by any of the recipients, for about `size` bytes of
     /// plaintext; `finish` returns the file.
     pub fn encrypting(&self, size: usize) -> age::stream::StreamWriter<Vec<u8>> {
+        self.encrypting_into(Vec::new(), size)
+    }
+
+    /// [`Recipients::encrypting`] into `out`, emptied first: a caller that
+    /// keeps its buffers for reuse makes no new allocation.
+    pub fn encrypting_into(
+        &self,
+        mut out: Vec<u8>,
+        size: usize,
+    ) -> age::stream::StreamWriter<Vec<u8>> {
         let encryptor = age::Encryptor::with_recipients(
             self.recipients.iter().map(|r| r as &dyn age::Recipient),
         )
         .expect("x25519 recipients always wrap");
         // age adds a header of ~200 bytes and 16 bytes per 64 KiB segment.
-        let out = Vec::with_capacity(size + size / 4096 + 512);
+        out.clear();
+        out.reserve_exact(size + size / 4096 + 512);
         encryptor
             .wrap_output(out)
             .expect("writing to a Vec cannot fail")

@@ -341,9 +341,21 @@ impl PackBuilder {
         recipients: &crate::crypto::Recipients,
         capacity: usize,
     ) -> PackBuilder {
+        Self::sealed_into(kind, recipients, Vec::new(), capacity)
+    }
+
+    /// [`PackBuilder::sealed`], writing into `buf` (emptied first), which
+    /// [`PackBuilder::finish`] returns holding the stored bytes: a caller
+    /// can hand an uploaded pack's buffer to the next pack.
+    pub fn sealed_into(
+        kind: BlobKind,
+        recipients: &crate::crypto::Recipients,
+        buf: Vec<u8>,
+        capacity: usize,
+    ) -> PackBuilder {
         PackBuilder {
             kind,
-            out: Sink::Sealing(recipients.encrypting(capacity)),
+            out: Sink::Sealing(recipients.encrypting_into(buf, capacity)),
             len: 0,
             entries: Vec::new(),
         }
@@ -457,11 +469,14 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn a_sealed_pack_decrypts_to_the_pack_a_plain_builder_makes() {
+    fn a_sealed_pack_decrypts_to_the_pack_a_plain_builder_makes_even_in_a_used_buffer() {
         let key = crate::crypto::MasterKey::generate();
         let recipients = crate::crypto::Recipients::parse(&[key.recipient()]).unwrap();
         let mut plain = PackBuilder::new(BlobKind::Data, 0);
         let mut sealed = PackBuilder::sealed(BlobKind::Data, &recipients, 1000);
+        // A previous pack's buffer, longer than this pack and full of bytes.
+        let used = vec![0xAB; 600_000];
+        let mut reused = PackBuilder::sealed_into(BlobKind::Data, &recipients, used, 1000);
         let mut enc = BlobEncoder::new(3);
         // Frames straddling age's 64 KiB segments, and a tiny one.
         for (i, len) in [70_000usize, 3, 200_000, 65_536].into_iter().enumerate() {
@@ -471,15 +486,18 @@ mod tests {
             let id = Id::of_bytes(&data);
             plain.add(id, len as u32, &frame);
             sealed.add(id, len as u32, &frame);
+            reused.add(id, len as u32, &frame);
         }
         assert_eq!(plain.len(), sealed.len());
         let (plaintext, plain_header) = plain.finish();
-        let (ciphertext, sealed_header) = sealed.finish();
-        assert_eq!(plain_header.blobs, sealed_header.blobs);
-        assert_ne!(ciphertext, plaintext);
-        let opened = key.decrypt(&ciphertext, &|| "pack".into()).unwrap();
-        assert!(opened == plaintext, "same bytes once decrypted");
-        assert_eq!(parse_pack(&opened).unwrap().blobs, plain_header.blobs);
+        for pack in [sealed, reused] {
+            let (ciphertext, sealed_header) = pack.finish();
+            assert_eq!(plain_header.blobs, sealed_header.blobs);
+            assert_ne!(ciphertext, plaintext);
+            let opened = key.decrypt(&ciphertext, &|| "pack".into()).unwrap();
+            assert!(opened == plaintext, "same bytes once decrypted");
+            assert_eq!(parse_pack(&opened).unwrap().blobs, plain_header.blobs);
+        }
     }
 
     #[test]
