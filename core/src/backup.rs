@@ -713,6 +713,8 @@ struct Ticket {
     path: PathBuf,
     meta: Metadata,
     cached: bool,
+    /// It had no extended attributes (recorded in the file cache).
+    no_xattrs: bool,
 }
 
 /// A directory whose tree cannot be stored yet: files of it are still
@@ -882,8 +884,16 @@ impl<'a, 'r> Walker<'a, 'r> {
             if m.nlink() > 1 {
                 node.hardlink = Some((m.dev(), m.ino()));
             }
-            match self.cached_content(path, &m)? {
-                Cached::Hit(content) => {
+            let cached = self.cached_content(path, &m)?;
+            node.xattrs = match cached {
+                Cached::Hit {
+                    no_xattrs: true, ..
+                } => Vec::new(),
+                _ => self.xattrs(path),
+            };
+            let no_xattrs = node.xattrs.is_empty();
+            match cached {
+                Cached::Hit { content, .. } => {
                     node.content = content;
                     node.size = m.size();
                     self.summary.total_bytes += node.size;
@@ -892,7 +902,7 @@ impl<'a, 'r> Walker<'a, 'r> {
                     // Hard-linked files are read here, in order, so that the
                     // next link to the same inode finds the content.
                     let result = read_file(self.storer, path, &m);
-                    match self.finish_read(path, &m, cached, result)? {
+                    match self.finish_read(path, &m, cached, no_xattrs, result)? {
                         Some((content, size)) => {
                             node.content = content;
                             node.size = size;
@@ -918,6 +928,7 @@ impl<'a, 'r> Walker<'a, 'r> {
                         path: path.to_path_buf(),
                         meta: m.clone(),
                         cached,
+                        no_xattrs,
                     }));
                 }
             }
@@ -947,7 +958,9 @@ impl<'a, 'r> Walker<'a, 'r> {
             }
             self.summary.others += 1;
         }
-        node.xattrs = self.xattrs(path);
+        if !ft.is_file() {
+            node.xattrs = self.xattrs(path);
+        }
         Ok(Some((node, waiting)))
     }
 
@@ -957,7 +970,10 @@ impl<'a, 'r> Walker<'a, 'r> {
         if m.nlink() > 1 {
             if let Some(ids) = self.hardlinks.get(&(m.dev(), m.ino())) {
                 self.summary.files_unmodified += 1;
-                return Ok(Cached::Hit(ids.clone()));
+                return Ok(Cached::Hit {
+                    content: ids.clone(),
+                    no_xattrs: false,
+                });
             }
         }
         let cached = match &self.cache {
@@ -996,7 +1012,10 @@ impl<'a, 'r> Walker<'a, 'r> {
                 self.hardlinks
                     .insert((m.dev(), m.ino()), entry.content.clone());
             }
-            return Ok(Cached::Hit(entry.content));
+            return Ok(Cached::Hit {
+                content: entry.content,
+                no_xattrs: entry.no_xattrs,
+            });
         }
         Ok(Cached::Miss { cached: true })
     }
@@ -1008,6 +1027,7 @@ impl<'a, 'r> Walker<'a, 'r> {
         path: &Path,
         m: &Metadata,
         cached: bool,
+        no_xattrs: bool,
         result: Result<Result<FileRead, String>>,
     ) -> Result<Option<(Vec<Id>, u64)>> {
         let read = match result? {
@@ -1047,6 +1067,7 @@ impl<'a, 'r> Walker<'a, 'r> {
                         ctime_ns: ctime_ns(m),
                         inode: m.ino(),
                         content: read.ids.clone(),
+                        no_xattrs,
                     },
                 )?;
             }
@@ -1140,7 +1161,7 @@ impl<'a, 'r> Walker<'a, 'r> {
         let Some(t) = self.pending(done.dir).tickets.remove(&done.slot) else {
             return Ok(());
         };
-        let read = self.finish_read(&t.path, &t.meta, t.cached, done.result)?;
+        let read = self.finish_read(&t.path, &t.meta, t.cached, t.no_xattrs, done.result)?;
         let nodes = &mut self.pending(done.dir).nodes;
         match read {
             Some((content, size)) => {
@@ -1262,8 +1283,9 @@ impl<'a, 'r> Walker<'a, 'r> {
 
 /// What the cache says about a file.
 enum Cached {
-    /// Unchanged: its blobs.
-    Hit(Vec<Id>),
+    /// Unchanged: its blobs, and whether it had no extended attributes
+    /// (then not read again: setting one would have moved its ctime).
+    Hit { content: Vec<Id>, no_xattrs: bool },
     /// Must be read; `cached` says whether an (outdated) entry existed.
     Miss { cached: bool },
 }

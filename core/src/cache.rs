@@ -7,6 +7,11 @@
 //! entries can be committed in short batches as the backup goes: several
 //! backups on one host share the file (WAL mode, a busy timeout, and no
 //! transaction held for a whole backup).
+//!
+//! An entry also says whether the file had no extended attributes, so an
+//! unchanged file costs a backup one `stat` instead of a `stat` and a
+//! `listxattr` (each a walk of the whole path). Setting or removing an
+//! attribute moves the file's ctime, which the entry must match.
 
 use std::path::{Path, PathBuf};
 
@@ -15,8 +20,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::error::{Error, Result};
 use crate::id::Id;
 
-/// Bumped whenever the table layout changes; an old cache is dropped.
-const SCHEMA_VERSION: i64 = 1;
+/// Bumped whenever the table layout changes; an old cache is dropped,
+/// except version 1, which gains the `no_xattrs` column (unknown in its
+/// entries) and keeps them.
+const SCHEMA_VERSION: i64 = 2;
 
 /// What the cache remembers about one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +38,8 @@ pub struct CacheEntry {
     pub inode: u64,
     /// The file's blobs.
     pub content: Vec<Id>,
+    /// The file had no extended attributes (false also when unknown).
+    pub no_xattrs: bool,
 }
 
 /// An open file cache for one repository.
@@ -121,18 +130,27 @@ impl FileCache {
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version != SCHEMA_VERSION {
             conn.execute_batch("BEGIN IMMEDIATE")?;
-            let created = conn
-                .execute_batch(
+            // Read again under the write lock: another backup may have
+            // upgraded the file meanwhile.
+            let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+            let layout = match version {
+                SCHEMA_VERSION => "",
+                1 => "ALTER TABLE files ADD COLUMN no_xattrs INTEGER;",
+                _ => {
                     "DROP TABLE IF EXISTS files;
-                 CREATE TABLE files (
-                     path BLOB PRIMARY KEY,
-                     size INTEGER NOT NULL,
-                     mtime_ns INTEGER NOT NULL,
-                     ctime_ns INTEGER NOT NULL,
-                     inode INTEGER NOT NULL,
-                     content BLOB NOT NULL
-                 ) WITHOUT ROWID;",
-                )
+                     CREATE TABLE files (
+                         path BLOB PRIMARY KEY,
+                         size INTEGER NOT NULL,
+                         mtime_ns INTEGER NOT NULL,
+                         ctime_ns INTEGER NOT NULL,
+                         inode INTEGER NOT NULL,
+                         content BLOB NOT NULL,
+                         no_xattrs INTEGER
+                     ) WITHOUT ROWID;"
+                }
+            };
+            let created = conn
+                .execute_batch(layout)
                 .and_then(|()| conn.pragma_update(None, "user_version", SCHEMA_VERSION));
             match created {
                 Ok(()) => conn.execute_batch("COMMIT")?,
@@ -161,7 +179,8 @@ impl FileCache {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT size, mtime_ns, ctime_ns, inode, content FROM files WHERE path = ?1",
+                "SELECT size, mtime_ns, ctime_ns, inode, content, no_xattrs FROM files
+                 WHERE path = ?1",
             )
             .map_err(|e| self.err(e))?;
         let row = stmt
@@ -172,25 +191,29 @@ impl FileCache {
                     r.get::<_, i64>(2)?,
                     r.get::<_, i64>(3)?,
                     r.get::<_, Vec<u8>>(4)?,
+                    r.get::<_, Option<bool>>(5)?,
                 ))
             })
             .optional()
             .map_err(|e| self.err(e))?;
-        Ok(row.and_then(|(size, mtime_ns, ctime_ns, inode, content)| {
-            if content.len() % 32 != 0 {
-                return None;
-            }
-            Some(CacheEntry {
-                size: size as u64,
-                mtime_ns,
-                ctime_ns,
-                inode: inode as u64,
-                content: content
-                    .chunks_exact(32)
-                    .map(|c| Id(c.try_into().expect("32 bytes")))
-                    .collect(),
-            })
-        }))
+        Ok(
+            row.and_then(|(size, mtime_ns, ctime_ns, inode, content, no_xattrs)| {
+                if content.len() % 32 != 0 {
+                    return None;
+                }
+                Some(CacheEntry {
+                    size: size as u64,
+                    mtime_ns,
+                    ctime_ns,
+                    inode: inode as u64,
+                    content: content
+                        .chunks_exact(32)
+                        .map(|c| Id(c.try_into().expect("32 bytes")))
+                        .collect(),
+                    no_xattrs: no_xattrs.unwrap_or(false),
+                })
+            }),
+        )
     }
 
     /// Records (or replaces) the entry for `path`; written in batches.
@@ -220,8 +243,9 @@ impl FileCache {
             .map_err(|e| self.err(e))?;
         let result = (|| -> rusqlite::Result<()> {
             let mut stmt = self.conn.prepare_cached(
-                "INSERT OR REPLACE INTO files (path, size, mtime_ns, ctime_ns, inode, content)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT OR REPLACE INTO files
+                 (path, size, mtime_ns, ctime_ns, inode, content, no_xattrs)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
             for (path, entry) in &batch {
                 let mut content = Vec::with_capacity(entry.content.len() * 32);
@@ -234,7 +258,8 @@ impl FileCache {
                     entry.mtime_ns,
                     entry.ctime_ns,
                     entry.inode as i64,
-                    content
+                    content,
+                    entry.no_xattrs
                 ])?;
             }
             Ok(())
@@ -267,6 +292,7 @@ mod tests {
             ctime_ns: 2,
             inode: 3,
             content: vec![Id::of_bytes(b"a"), Id::of_bytes(b"b")],
+            no_xattrs: true,
         };
         let cache = FileCache::open(dir.path(), "r").unwrap();
         cache.record(b"/x", &entry).unwrap();
@@ -283,6 +309,36 @@ mod tests {
         let cache = FileCache::open(dir.path(), "r").unwrap();
         assert!(cache.lookup(b"/y").unwrap().is_some());
         assert!(cache.lookup(b"/z").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_version_1_cache_keeps_its_entries_with_attributes_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("r")).unwrap();
+        let old = Connection::open(dir.path().join("r/files.sqlite")).unwrap();
+        old.execute_batch(
+            "CREATE TABLE files (
+                 path BLOB PRIMARY KEY,
+                 size INTEGER NOT NULL,
+                 mtime_ns INTEGER NOT NULL,
+                 ctime_ns INTEGER NOT NULL,
+                 inode INTEGER NOT NULL,
+                 content BLOB NOT NULL
+             ) WITHOUT ROWID;
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        let id = Id::of_bytes(b"a");
+        old.execute(
+            "INSERT INTO files VALUES (?1, 5, 1, 2, 3, ?2)",
+            params![b"/x".as_slice(), id.0.as_slice()],
+        )
+        .unwrap();
+        drop(old);
+        let cache = FileCache::open(dir.path(), "r").unwrap();
+        let entry = cache.lookup(b"/x").unwrap().expect("kept");
+        assert_eq!((entry.size, entry.content), (5, vec![id]));
+        assert!(!entry.no_xattrs, "unknown reads the attributes");
     }
 
     #[test]

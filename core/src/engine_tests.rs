@@ -270,6 +270,64 @@ fn unchanged_rebackup_with_the_cache_reads_and_adds_nothing() {
     assert_eq!(src_tree(&third.snapshot), src_tree(&second.snapshot));
 }
 
+#[test]
+fn cached_files_keep_their_extended_attributes_and_a_new_one_is_seen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let (plain, tagged) = (src.join("plain"), src.join("tagged"));
+    std::fs::write(&plain, b"no attributes").unwrap();
+    std::fs::write(&tagged, b"one attribute").unwrap();
+    if crate::fsmeta::set_xattr(&tagged, b"user.lb", b"1").is_err() {
+        eprintln!("skipped: the test directory has no user extended attributes");
+        return;
+    }
+    for f in [&plain, &tagged] {
+        crate::fsmeta::set_mtime(f, 1_600_000_000, 5).unwrap();
+    }
+    // Out of the racy window, so both files are cached.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let repo = local_repo(&tmp.path().join("repo"));
+    let cache = tempfile::tempdir().unwrap();
+    let attributes = |report: &crate::backup::BackupReport| -> Vec<(String, Vec<String>)> {
+        let tree = subtree_of(&repo, &report.snapshot, &src);
+        let index = repo.load_index().unwrap();
+        repo.load_tree(&index, &tree)
+            .unwrap()
+            .nodes
+            .iter()
+            .map(|n| {
+                let names = n
+                    .xattrs
+                    .iter()
+                    .map(|x| String::from_utf8_lossy(&x.name.0).into_owned())
+                    .collect();
+                (String::from_utf8_lossy(&n.name.0).into_owned(), names)
+            })
+            .collect()
+    };
+    let want = |plain: &[&str]| {
+        vec![
+            (
+                "plain".to_string(),
+                plain.iter().map(|s| s.to_string()).collect(),
+            ),
+            ("tagged".to_string(), vec!["user.lb".to_string()]),
+        ]
+    };
+    let first = backup_dir(&repo, &src, Some(cache.path())).unwrap();
+    assert_eq!(attributes(&first), want(&[]));
+    // Unchanged: nothing read, and the attributes are as they were (the
+    // plain file's from the cache, the tagged file's read again).
+    let second = backup_dir(&repo, &src, Some(cache.path())).unwrap();
+    assert_eq!(second.snapshot.summary.files_unmodified, 2);
+    assert_eq!(attributes(&second), want(&[]));
+    // An attribute set since moves the ctime, so the cache is not trusted.
+    crate::fsmeta::set_xattr(&plain, b"user.new", b"2").unwrap();
+    let third = backup_dir(&repo, &src, Some(cache.path())).unwrap();
+    assert_eq!(attributes(&third), want(&["user.new"]));
+}
+
 /// A backend that fails every pack upload after a number of them, like a
 /// process killed mid-backup.
 #[derive(Debug)]
