@@ -842,17 +842,17 @@ impl<'a, 'r> Walker<'a, 'r> {
     /// handed to the file workers: its node comes back with a [`Ticket`]
     /// and gets its content in [`Walker::answer`]. A subdirectory whose tree
     /// waits for files gets its subtree in [`Walker::finish`].
-    fn node(
-        &mut self,
-        path: &Path,
-        name: &[u8],
-        root_dev: u64,
-        dir: usize,
-        slot: usize,
-    ) -> Result<Option<(Node, Waiting)>> {
+    fn node(&mut self, child: &Child, dir: usize, slot: usize) -> Result<Option<(Node, Waiting)>> {
+        let (path, name, root_dev) = (child.path.as_path(), child.name.as_slice(), child.root_dev);
         self.check_workers()?;
         self.progress.check_cancel()?;
-        let m = match std::fs::symlink_metadata(path) {
+        // From the directory's open handle where there is one: only the
+        // last name is looked up, not every component of the path.
+        let m = match child
+            .entry
+            .as_ref()
+            .map_or_else(|| std::fs::symlink_metadata(path), |e| e.metadata())
+        {
             Ok(m) => m,
             Err(e) => {
                 self.warn(format!("{}: {e}", path.display()));
@@ -1102,10 +1102,10 @@ impl<'a, 'r> Walker<'a, 'r> {
     /// Visits `children` (name, path, device of the walk's root) into
     /// pending directory `dir`, booking the file workers' answers as they
     /// come.
-    fn walk(&mut self, dir: usize, children: Vec<(Vec<u8>, PathBuf, u64)>) -> Result<()> {
-        for (name, path, root_dev) in children {
+    fn walk(&mut self, dir: usize, children: Vec<Child>) -> Result<()> {
+        for child in children {
             let slot = self.pending(dir).nodes.len();
-            let Some((node, waiting)) = self.node(&path, &name, root_dev, dir, slot)? else {
+            let Some((node, waiting)) = self.node(&child, dir, slot)? else {
                 continue;
             };
             let p = self.pending(dir);
@@ -1199,7 +1199,7 @@ impl<'a, 'r> Walker<'a, 'r> {
     /// Builds nodes for `children` (name, path, device of the walk's root)
     /// of one directory, walking everything below them and reading files in
     /// parallel; returns when all of it is stored.
-    fn nodes_for(&mut self, children: Vec<(Vec<u8>, PathBuf, u64)>) -> Result<Vec<Node>> {
+    fn nodes_for(&mut self, children: Vec<Child>) -> Result<Vec<Node>> {
         let dir = self.open_dir(Parent::Top);
         self.walk(dir, children)?;
         self.seal(dir)?;
@@ -1213,15 +1213,15 @@ impl<'a, 'r> Walker<'a, 'r> {
         Ok(self.top.take().expect("just finished"))
     }
 
-    /// The entries of a directory to visit: (name, path, device of the
-    /// walk's root), in name order, without excluded ones.
-    fn children(&mut self, path: &Path, root_dev: u64) -> Vec<(Vec<u8>, PathBuf, u64)> {
-        let mut names: Vec<Vec<u8>> = match std::fs::read_dir(path) {
+    /// The entries of a directory to visit, in name order, without
+    /// excluded ones.
+    fn children(&mut self, path: &Path, root_dev: u64) -> Vec<Child> {
+        let mut names: Vec<(Vec<u8>, std::fs::DirEntry)> = match std::fs::read_dir(path) {
             Ok(rd) => {
                 let mut names = Vec::new();
                 for entry in rd {
                     match entry {
-                        Ok(e) => names.push(e.file_name().as_bytes().to_vec()),
+                        Ok(e) => names.push((e.file_name().as_bytes().to_vec(), e)),
                         Err(e) => {
                             self.warn(format!("{}: {e}", path.display()));
                             break;
@@ -1235,14 +1235,23 @@ impl<'a, 'r> Walker<'a, 'r> {
                 Vec::new()
             }
         };
-        names.sort_unstable();
+        names.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        // A listed entry keeps its directory open until it is visited, so
+        // the walk holds one descriptor per level above it; deeper than
+        // this, entries are dropped and stat'ed by path instead.
+        let keep = path.components().count() <= MAX_OPEN_LEVELS;
         let mut children = Vec::with_capacity(names.len());
-        for name in names {
+        for (name, entry) in names {
             let child = path.join(fsmeta::os(&name));
             if self.excludes.excluded(&child, &name) {
                 continue;
             }
-            children.push((name, child, root_dev));
+            children.push(Child {
+                name,
+                path: child,
+                root_dev,
+                entry: keep.then_some(entry),
+            });
         }
         children
     }
@@ -1265,7 +1274,12 @@ impl<'a, 'r> Walker<'a, 'r> {
                     let dev = std::fs::symlink_metadata(&path)
                         .map_err(|e| Error::io(&path, e))?
                         .dev();
-                    nodes.extend(self.nodes_for(vec![(name.clone(), path, dev)])?);
+                    nodes.extend(self.nodes_for(vec![Child {
+                        name: name.clone(),
+                        path,
+                        root_dev: dev,
+                        entry: None,
+                    }])?);
                 }
                 Sel::Some(children) => {
                     let m = std::fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
@@ -1279,6 +1293,20 @@ impl<'a, 'r> Walker<'a, 'r> {
         }
         Ok(Tree { nodes })
     }
+}
+
+/// Directory levels (path components) down to which the walk stats
+/// entries through their open directory: the descriptors it holds.
+pub(crate) const MAX_OPEN_LEVELS: usize = 48;
+
+/// One entry to visit: its name, path and the device of the walk's root,
+/// and (when it was listed) its directory entry, which stats it relative
+/// to the open directory.
+struct Child {
+    name: Vec<u8>,
+    path: PathBuf,
+    root_dev: u64,
+    entry: Option<std::fs::DirEntry>,
 }
 
 /// What the cache says about a file.

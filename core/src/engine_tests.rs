@@ -402,6 +402,31 @@ fn directories_finished_out_of_walk_order_give_the_same_trees_and_restore_equal(
 }
 
 #[test]
+fn a_tree_deeper_than_the_directories_the_walk_keeps_open_backs_up_whole() {
+    // Above `MAX_OPEN_LEVELS` entries are stat'ed through their open
+    // directory, below it by path; both halves must give the same nodes.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let mut dir = src.clone();
+    for level in 0..crate::backup::MAX_OPEN_LEVELS + 20 {
+        dir = dir.join("d");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("f"), format!("level {level}")).unwrap();
+        std::os::unix::fs::symlink("f", dir.join("l")).unwrap();
+    }
+    let repo = local_repo(&tmp.path().join("repo"));
+    let first = backup_dir(&repo, &src, None).unwrap();
+    assert_eq!(
+        first.snapshot.summary.files_new,
+        crate::backup::MAX_OPEN_LEVELS as u64 + 20
+    );
+    let out = tempfile::tempdir().unwrap();
+    let r = restore_to(&repo, &first.snapshot.tree, out.path(), false).unwrap();
+    assert!(r.failures.is_empty(), "{r:?}");
+    same_files(&src, &restored_root(out.path(), &src));
+}
+
+#[test]
 fn an_interrupted_backup_leaves_no_snapshot_and_its_uploads_are_reused() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
