@@ -1099,9 +1099,8 @@ impl<'a, 'r> Walker<'a, 'r> {
         self.pending.get_mut(&dir).expect("a pending directory")
     }
 
-    /// Visits `children` (name, path, device of the walk's root) into
-    /// pending directory `dir`, booking the file workers' answers as they
-    /// come.
+    /// Visits `children` into pending directory `dir`, booking the file
+    /// workers' answers as they come.
     fn walk(&mut self, dir: usize, children: Vec<Child>) -> Result<()> {
         for child in children {
             let slot = self.pending(dir).nodes.len();
@@ -1196,9 +1195,9 @@ impl<'a, 'r> Walker<'a, 'r> {
         }
     }
 
-    /// Builds nodes for `children` (name, path, device of the walk's root)
-    /// of one directory, walking everything below them and reading files in
-    /// parallel; returns when all of it is stored.
+    /// Builds nodes for `children` of one directory, walking everything
+    /// below them and reading files in parallel; returns when all of it is
+    /// stored.
     fn nodes_for(&mut self, children: Vec<Child>) -> Result<Vec<Node>> {
         let dir = self.open_dir(Parent::Top);
         self.walk(dir, children)?;
