@@ -22,9 +22,13 @@ Design:
   keep their caches in the scratch directory (deleted at the start), and
   read from a warm page cache (every file of A and B is read once first).
 * ext4 is slow at creating many files right after many were deleted nearby,
-  so old scratch content is deleted at the start, the first timed step waits
-  until --settle seconds have passed since, every restore goes to a brand-new
-  directory, and restored trees are deleted only at the end.
+  so old scratch content is deleted (and synced) at the start, the first
+  timed step waits until --settle seconds have passed since that or since
+  the previous run deleted its trees at its end (a stamp file beside the
+  scratch directory says when), every restore goes to a brand-new
+  directory, and restored trees are deleted only at the end. Other
+  deletions on the same file system (a test suite that just ran) still
+  slow every tool's restores; run the benchmark on a quiet machine.
 * Repository size is the apparent size (sum of st_size) of the repository
   directory; st_blocks*512 is also kept in the JSON output.
 This is a measurement, not a test: nothing asserts durations.
@@ -484,8 +488,9 @@ def main():
                     help="work directory, emptied at the start (default /work/bench-scratch)")
     ap.add_argument("--timeout", type=float, default=1800, help="per-step timeout in seconds")
     ap.add_argument("--settle", type=float, default=60,
-                    help="seconds between deleting old scratch and the first step (ext4 without a journal "
-                         "scans inodes deleted in the last 30-55 s on every file it creates)")
+                    help="seconds between the last deletion of old scratch (at the start, or at the end "
+                         "of the previous run) and the first step (ext4 without a journal scans inodes "
+                         "deleted in the last 60 s, or 360 s while unwritten, on every file it creates)")
     ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of " + ",".join(TOOLS))
     ap.add_argument("--lifeboat", type=Path, default=REPO_ROOT / "target" / "release" / "lifeboat",
                     help="lifeboat binary (default target/release/lifeboat)")
@@ -507,11 +512,22 @@ def main():
     scratch = args.scratch.resolve()
     scratch.mkdir(parents=True, exist_ok=True)
     gen_name = f"data-{args.generated}mb-seed{args.seed}" if args.generated else None
+    # The previous run deleted its trees when it ended; its stamp says when
+    # (wall clock, since that was another process).
+    stamp = scratch.parent / (scratch.name + ".deleted-at")
+    try:
+        ended_ago = max(0.0, time.time() - float(stamp.read_text()))
+    except (OSError, ValueError):
+        ended_ago = float("inf")
+    deleted_any = False
     for p in scratch.iterdir():  # delete old content, keep a finished generated data set
         if p.name != gen_name or not (p / ".complete").exists():
             log(f"deleting old {p}")
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    deleted_at = time.monotonic()
+            deleted_any = True
+    os.sync()  # clean inode tables: ext4 remembers a deletion longer while they are dirty
+    # --settle counts from the last deletion: this run's, or the end of the previous one.
+    deleted_at = time.monotonic() - (0.0 if deleted_any else ended_ago)
     if args.generated:
         if not (scratch / gen_name / ".complete").exists():
             log(f"generating {args.generated} MiB data set (seed {args.seed})")
@@ -604,6 +620,8 @@ def main():
     if not args.keep:
         for tool in tools:
             shutil.rmtree(tool.base, ignore_errors=True)
+        os.sync()
+        stamp.write_text(f"{time.time()}\n")
     if failures:
         print("\nFAILURES:\n" + "\n".join(failures), file=sys.stderr)
         sys.exit(1)
