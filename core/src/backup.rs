@@ -1237,7 +1237,10 @@ impl<'a, 'r> Walker<'a, 'r> {
         names.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         // A listed entry keeps its directory open until it is visited, so
         // the walk holds one descriptor per level above it; deeper than
-        // this, entries are dropped and stat'ed by path instead.
+        // this, entries are dropped and stat'ed by path instead. So are
+        // entries whose path is too long for the kernel: stat'ed relative
+        // to their directory they would be found, but not listed, read or
+        // restored, so they are skipped with a warning as before.
         let keep = path.components().count() <= MAX_OPEN_LEVELS;
         let mut children = Vec::with_capacity(names.len());
         for (name, entry) in names {
@@ -1247,9 +1250,9 @@ impl<'a, 'r> Walker<'a, 'r> {
             }
             children.push(Child {
                 name,
+                entry: (keep && child.as_os_str().len() < libc::PATH_MAX as usize).then_some(entry),
                 path: child,
                 root_dev,
-                entry: keep.then_some(entry),
             });
         }
         children
