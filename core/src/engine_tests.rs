@@ -431,16 +431,22 @@ fn an_interrupted_backup_leaves_no_snapshot_and_its_uploads_are_reused() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
+    // Chunk boundaries depend on the repository's random chunker seed, so
+    // the number of 1 MiB packs varies from run to run: 12 MiB made six or
+    // fewer now and then, the crash never came and the test failed. 24 MiB
+    // makes far more than the four that upload before the crash.
+    const SIZE: u64 = 24 * 1024 * 1024;
     std::fs::write(
         src.join("big"),
-        crate::testutil::pseudo_random(12 * 1024 * 1024, 9),
+        crate::testutil::pseudo_random(SIZE as usize, 9),
     )
     .unwrap();
     let local = LocalBackend::new(tmp.path().join("repo"));
     Repository::init(Arc::new(local.clone()), "pw", &opts()).unwrap();
+    // Four packs, then the index object written after every fourth.
     let dying = Arc::new(DiesAfter {
         inner: local.clone(),
-        puts_left: AtomicUsize::new(6),
+        puts_left: AtomicUsize::new(4),
     });
     let repo = Repository::open(dying, "pw").unwrap();
     assert!(
@@ -471,8 +477,9 @@ fn an_interrupted_backup_leaves_no_snapshot_and_its_uploads_are_reused() {
     );
     let next = backup_dir(&repo, &src, None).unwrap();
     let s = &next.snapshot.summary;
+    // The four packs uploaded before the crash hold at least 4 MiB.
     assert!(
-        s.bytes_added_raw < 12 * 1024 * 1024 * 3 / 4,
+        s.bytes_added_raw < SIZE * 7 / 8,
         "reused earlier uploads: {s:?}"
     );
 }
