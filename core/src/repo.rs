@@ -869,9 +869,7 @@ impl Repository {
     /// read or written only costs time (the reason is logged).
     pub fn load_index_cached(&self, cache_dir: &Path) -> Result<Index> {
         let repo_id = &self.config().id;
-        let key = self.ids().derive(crate::index_cache::MAC_PURPOSE);
-        let cached = crate::index_cache::open(cache_dir, repo_id, &key);
-        let index = self.load_index_over(cached)?;
+        let index = self.load_index_reusing_cache(cache_dir)?;
         let runs = index.runs();
         let mapped =
             |run: &crate::index::Run| matches!(run.records, crate::index::Records::Mapped { .. });
@@ -888,7 +886,7 @@ impl Repository {
             }
             return Ok(index);
         }
-        match crate::index_cache::write(cache_dir, repo_id, &key, &index) {
+        match crate::index_cache::write(cache_dir, repo_id, &self.index_cache_key(), &index) {
             Ok(mapped) => Ok(mapped),
             Err(e) => {
                 log::warn!("{e}; this backup keeps the index in memory");
@@ -903,9 +901,14 @@ impl Repository {
     /// as restore, which should not pay for building a cache on a machine
     /// that has none.
     pub fn load_index_reusing_cache(&self, cache_dir: &Path) -> Result<Index> {
-        let key = self.ids().derive(crate::index_cache::MAC_PURPOSE);
-        let cached = crate::index_cache::open(cache_dir, &self.config().id, &key);
+        let cached =
+            crate::index_cache::open(cache_dir, &self.config().id, &self.index_cache_key());
         self.load_index_over(cached)
+    }
+
+    /// The key of the index cache file's MAC, derived from the chunk key.
+    fn index_cache_key(&self) -> [u8; 32] {
+        self.ids().derive(crate::index_cache::MAC_PURPOSE)
     }
 
     /// Loads every index object not covered by `base` on top of it (all of

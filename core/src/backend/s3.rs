@@ -762,7 +762,7 @@ fn s3_time(t: chrono::DateTime<chrono::Utc>) -> aws_sdk_s3::primitives::DateTime
 
 impl Backend for S3Backend {
     fn put(&self, key: &str, data: &[u8]) -> Result<PutOutcome, BackendError> {
-        self.put_with(key, Bytes::copy_from_slice(data), None)
+        self.put_shared(key, Bytes::copy_from_slice(data), None)
     }
 
     /// The request body shares the caller's bytes instead of copying them.
@@ -788,10 +788,7 @@ impl Backend for S3Backend {
         data: &[u8],
         retention: &Retention,
     ) -> Result<PutOutcome, BackendError> {
-        if !self.object_lock() {
-            return Err(super::no_object_lock(key, &self.location()));
-        }
-        self.put_with(key, Bytes::copy_from_slice(data), Some(retention))
+        self.put_shared(key, Bytes::copy_from_slice(data), Some(retention))
     }
 
     fn extend_retention(&self, key: &str, retention: &Retention) -> Result<(), BackendError> {
