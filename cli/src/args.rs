@@ -101,8 +101,9 @@ pub struct Global {
     #[arg(short, long, global = true)]
     pub quiet: bool,
     /// Directory for the local cache: what files held at the last backup,
-    /// and a copy of the repository's blob index that backups map instead
-    /// of loading (only a cache: safe to delete).
+    /// and a copy of the repository's blob index that backups (and
+    /// restores, where it exists) map instead of loading (only a cache:
+    /// safe to delete).
     #[arg(long, global = true, env = "LIFEBOAT_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
 }
