@@ -282,6 +282,22 @@ fn temp_path(final_path: &Path) -> PathBuf {
     final_path.with_file_name(name)
 }
 
+/// An error creating `path`, with the way out when the path is longer
+/// than the kernel takes (`PATH_MAX`): a snapshot path that fitted where
+/// it was backed up may not fit below a deep target.
+fn explain(path: &Path, err: &std::io::Error) -> String {
+    let len = path.as_os_str().len();
+    if err.raw_os_error() == Some(libc::ENAMETOOLONG) && len >= libc::PATH_MAX as usize {
+        format!(
+            "the restored path is {len} bytes, longer than this system allows ({} bytes); \
+             restore into a shorter --target",
+            libc::PATH_MAX - 1
+        )
+    } else {
+        err.to_string()
+    }
+}
+
 /// What a restore has learned about nameless files (`O_TMPFILE`) on its
 /// target, so a file system without them costs one failed open, not one
 /// per file.
@@ -367,6 +383,9 @@ fn place_nameless(
         },
         // Without `overwrite`, whatever holds the name stays.
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(e),
+        // The name, not the linking, is at fault: a temporary name would
+        // be longer still, and later files can still be made nameless.
+        Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) => Err(e),
         Err(_) => {
             nameless.unsupported.store(true, Ordering::Relaxed);
             let copy = copy_to_named(file, temp)?;
@@ -587,7 +606,7 @@ impl Batch<'_> {
                      --overwrite replaces it"
                         .to_string()
                 } else {
-                    format!("cannot move into place: {err}")
+                    format!("cannot move into place: {}", explain(&path, &err))
                 };
                 self.fail(j, reason);
                 let _ = std::fs::remove_file(&temp);
@@ -913,11 +932,10 @@ impl<'a> Restorer<'a, '_> {
             return Ok(());
         }
         let path = self.opts.target.join(e.rel());
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.is_dir() => {}
+        let made = match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => Ok(()),
             Ok(_) if self.opts.overwrite => {
-                std::fs::remove_file(&path).map_err(|err| Error::io(&path, err))?;
-                std::fs::create_dir(&path).map_err(|err| Error::io(&path, err))?;
+                std::fs::remove_file(&path).and_then(|()| std::fs::create_dir(&path))
             }
             Ok(_) => {
                 self.report.conflicts.push(e.display());
@@ -925,14 +943,39 @@ impl<'a> Restorer<'a, '_> {
                 return Ok(());
             }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir(&path).map_err(|err| Error::io(&path, err))?;
-                // Owner-writable while we fill it; final mode comes last.
-                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700));
-                e.fresh = true;
+                std::fs::create_dir(&path).map(|()| {
+                    // Owner-writable while we fill it; final mode comes last.
+                    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700));
+                    e.fresh = true;
+                })
             }
+            Err(err) => Err(err),
+        };
+        match made {
+            Ok(()) => self.open_dirs.push(e),
+            // This one place is out of reach (its path too long for this
+            // system, a directory we may not write in): the entry fails,
+            // and the rest of the snapshot is still restored.
+            Err(err)
+                if matches!(
+                    err.raw_os_error(),
+                    Some(libc::ENAMETOOLONG | libc::EACCES | libc::EPERM)
+                ) =>
+            {
+                self.report.dirs -= 1;
+                self.report.failures.push(RestoreFailure {
+                    path: e.display(),
+                    reason: format!(
+                        "cannot create directory: {}; nothing below it is restored",
+                        explain(&path, &err)
+                    ),
+                });
+                self.blocked.push(e.snap_path);
+            }
+            // Anything else (no space, a read-only or failing file system)
+            // would fail every entry after it: the restore stops here.
             Err(err) => return Err(Error::io(&path, err)),
         }
-        self.open_dirs.push(e);
         Ok(())
     }
 
@@ -1781,6 +1824,20 @@ mod tests {
         drop(f);
         assert_eq!(names(dir.path()), ["f"]);
         assert_eq!(std::fs::read(&path).unwrap(), b"whole");
+    }
+
+    #[test]
+    fn a_name_too_long_to_link_fails_that_file_and_keeps_nameless_files_on() {
+        let dir = tempfile::tempdir().unwrap();
+        // One byte over NAME_MAX: its temporary name would fit, it does not.
+        let long = dir.path().join("n".repeat(256));
+        let nameless = Nameless::default();
+        let f = nameless_with(&long, b"bytes", &nameless);
+        let err =
+            place_nameless(&f, &long, &temp_path(&long), false, &nameless, no_meta).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENAMETOOLONG), "{err}");
+        assert!(!nameless.unsupported.load(Ordering::Relaxed));
+        assert!(names(dir.path()).is_empty());
     }
 
     #[test]
