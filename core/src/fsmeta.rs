@@ -274,7 +274,10 @@ pub fn set_mtime(path: &Path, secs: i64, nanos: u32) -> io::Result<()> {
 }
 
 /// Applies owner (when `chown`), mode, xattrs and mtime through an open file:
-/// no path lookups, and nothing can be swapped in between.
+/// no path lookups, and nothing can be swapped in between. Owner and mode
+/// the file already has (one `fstat` tells) are not set again: a file
+/// created with its final permission bits by the owner it should have
+/// needs only its mtime.
 pub fn apply_to_fd(
     file: &std::fs::File,
     chown: Option<(u32, u32)>,
@@ -285,15 +288,29 @@ pub fn apply_to_fd(
     use std::os::unix::io::AsRawFd;
     let fd = file.as_raw_fd();
     let mut errors = Vec::new();
+    // SAFETY: fd is a valid open descriptor for the duration of the call,
+    // and `st` is written whole on success.
+    let now = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        (libc::fstat(fd, &mut st) == 0).then_some(st)
+    };
+    let mut chowned = false;
     if let Some((uid, gid)) = chown {
-        // SAFETY: fd is a valid open descriptor for the duration of the call.
-        if let Err(e) = check(unsafe { libc::fchown(fd, uid, gid) }) {
-            errors.push(("set owner", e));
+        if now.is_none_or(|st| (st.st_uid, st.st_gid) != (uid, gid)) {
+            // SAFETY: as above.
+            if let Err(e) = check(unsafe { libc::fchown(fd, uid, gid) }) {
+                errors.push(("set owner", e));
+            }
+            chowned = true;
         }
     }
-    // SAFETY: as above.
-    if let Err(e) = check(unsafe { libc::fchmod(fd, mode as libc::mode_t) }) {
-        errors.push(("set permissions", e));
+    // A change of owner clears setuid and setgid bits: set them after it.
+    let special = mode & 0o7000 != 0;
+    if (chowned && special) || now.is_none_or(|st| st.st_mode & 0o7777 != mode) {
+        // SAFETY: as above.
+        if let Err(e) = check(unsafe { libc::fchmod(fd, mode as libc::mode_t) }) {
+            errors.push(("set permissions", e));
+        }
     }
     for (name, value) in xattrs {
         let Ok(n) = CString::new(*name) else {

@@ -311,8 +311,11 @@ struct Nameless {
 }
 
 /// Creates a nameless file in `path`'s directory, or `None` where the file
-/// system has no `O_TMPFILE` (the caller then uses a temporary name).
-fn open_anonymous(path: &Path, nameless: &Nameless) -> Option<File> {
+/// system has no `O_TMPFILE` (the caller then uses a temporary name). It
+/// gets the permission bits `mode` (less the umask or a default ACL):
+/// nobody can open it before it is placed, and a file created as it will
+/// stay needs no `fchmod` (setuid, setgid and sticky bits come later).
+fn open_anonymous(path: &Path, mode: u32, nameless: &Nameless) -> Option<File> {
     if nameless.unsupported.load(Ordering::Relaxed) {
         return None;
     }
@@ -328,7 +331,7 @@ fn open_anonymous(path: &Path, nameless: &Nameless) -> Option<File> {
     match OpenOptions::new()
         .read(true)
         .write(true)
-        .mode(0o600)
+        .mode(mode & 0o777)
         .custom_flags(libc::O_TMPFILE | libc::O_NOFOLLOW)
         .open(dir)
     {
@@ -519,7 +522,7 @@ impl Batch<'_> {
         }
         let fresh = *created == Created::No;
         let nameless = if fresh && keep && node.content.len() == 1 {
-            open_anonymous(&path, &self.nameless)
+            open_anonymous(&path, node.mode, &self.nameless)
         } else {
             None
         };
@@ -1808,7 +1811,8 @@ mod tests {
     }
 
     fn nameless_with(path: &Path, bytes: &[u8], nameless: &Nameless) -> File {
-        let mut f = open_anonymous(path, nameless).expect("the test file system has O_TMPFILE");
+        let mut f =
+            open_anonymous(path, 0o600, nameless).expect("the test file system has O_TMPFILE");
         f.write_all(bytes).unwrap();
         f
     }
@@ -1838,6 +1842,39 @@ mod tests {
         assert_eq!(err.raw_os_error(), Some(libc::ENAMETOOLONG), "{err}");
         assert!(!nameless.unsupported.load(Ordering::Relaxed));
         assert!(names(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_nameless_file_is_placed_with_exactly_its_mode_owner_and_mtime() {
+        use std::os::unix::fs::MetadataExt;
+        // Created with its permission bits less the umask; what the umask
+        // took, the special bits and a new owner are set before placing.
+        let dir = tempfile::tempdir().unwrap();
+        let root = crate::fsmeta::euid() == 0;
+        let me = std::fs::metadata(dir.path()).unwrap();
+        let owners = [(me.uid(), me.gid()), (1234, 5678)];
+        let nameless = Nameless::default();
+        for (i, mode) in [0o777, 0o644, 0o444, 0o000, 0o4755, 0o2711, 0o1777]
+            .into_iter()
+            .enumerate()
+        {
+            for (k, owner) in owners.iter().enumerate().take(if root { 2 } else { 1 }) {
+                let path = dir.path().join(format!("f{i}-{k}"));
+                let mut f = open_anonymous(&path, mode, &nameless).unwrap();
+                f.write_all(b"x").unwrap();
+                let meta = |file: &File| {
+                    let chown = root.then_some(*owner);
+                    let e = crate::fsmeta::apply_to_fd(file, chown, mode, &[], (1_000_000, 7));
+                    e.into_iter().map(|(w, e)| format!("{w}: {e}")).collect()
+                };
+                let w = place_nameless(&f, &path, &temp_path(&path), false, &nameless, meta);
+                assert_eq!(w.unwrap(), Vec::<String>::new());
+                let m = std::fs::symlink_metadata(&path).unwrap();
+                assert_eq!(m.mode() & 0o7777, mode, "{}", path.display());
+                assert_eq!((m.uid(), m.gid()), *owner, "{}", path.display());
+                assert_eq!((m.mtime(), m.mtime_nsec()), (1_000_000, 7));
+            }
+        }
     }
 
     #[test]
