@@ -429,9 +429,10 @@ fn a_tree_deeper_than_the_directories_the_walk_keeps_open_backs_up_whole() {
 #[test]
 fn entries_whose_restored_path_is_too_long_fail_alone_and_the_rest_is_restored() {
     // Each level's path fits where it is backed up, but not all of them
-    // fit below a deep target: the directory and the file that cross
-    // PATH_MAX fail with the way out, and everything above them is
-    // restored.
+    // fit below a deep target: the directory and the files that cross
+    // PATH_MAX (nameless, named and empty ones) fail with the way out,
+    // everything above them is restored, and so on a second run, when the
+    // directories are there already.
     const MAX: usize = libc::PATH_MAX as usize; // including the NUL
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
@@ -444,16 +445,27 @@ fn entries_whose_restored_path_is_too_long_fail_alone_and_the_rest_is_restored()
     for (i, dir) in levels.iter().enumerate() {
         std::fs::write(dir.join("f"), format!("level {i}")).unwrap();
     }
+    let fits = &levels[levels.len() - 2];
+    // Several blobs: written under a temporary name.
+    std::fs::write(
+        fits.join("g"),
+        crate::testutil::pseudo_random(6 * 1024 * 1024, 3),
+    )
+    .unwrap();
+    std::fs::write(fits.join("e"), b"").unwrap();
     let repo = local_repo(&tmp.path().join("repo"));
     let snap = backup_dir(&repo, &src, None).unwrap().snapshot;
-    assert_eq!(snap.summary.files_new, levels.len() as u64);
+    assert_eq!(snap.summary.files_new, levels.len() as u64 + 2);
 
     // A target whose length puts the second-deepest directory at 4,094
     // bytes: it fits, the file in it (two bytes more) does not, nor does
     // the directory below.
     let out = tempfile::tempdir().unwrap();
-    let fits = &levels[levels.len() - 2];
     let mut pad = MAX - 2 - restored_root(out.path(), fits).as_os_str().len();
+    assert!(
+        pad >= 2,
+        "the temporary directory's path is too long for this test"
+    );
     let mut target = out.path().to_path_buf();
     while pad > 0 {
         let n = pad.min(200);
@@ -465,27 +477,31 @@ fn entries_whose_restored_path_is_too_long_fail_alone_and_the_rest_is_restored()
     let deepest = restored_root(&target, fits);
     assert_eq!(deepest.as_os_str().len(), MAX - 2);
 
-    let r = restore_to(&repo, &snap.tree, &target, false).unwrap();
-    let strip = |p: &Path| p.strip_prefix(&src).unwrap().to_path_buf();
     let shown = |p: &Path| p.to_str().unwrap().to_string();
-    let mut failed: Vec<&str> = r.failures.iter().map(|f| f.path.as_str()).collect();
-    failed.sort();
-    let mut expected = vec![shown(&fits.join("f")), shown(levels.last().unwrap())];
+    let mut expected: Vec<String> = ["f", "g", "e"].map(|n| shown(&fits.join(n))).into();
+    expected.push(shown(levels.last().unwrap()));
     expected.sort();
-    assert_eq!(failed, expected, "{r:?}");
-    for f in &r.failures {
-        assert!(
-            f.reason.contains("longer than this system allows")
-                && f.reason.contains("shorter --target"),
-            "{f:?}"
-        );
+    let fits_files = levels.len() as u64 - 2;
+    for run in ["first", "second"] {
+        let r = restore_to(&repo, &snap.tree, &target, false).unwrap();
+        let mut failed: Vec<&str> = r.failures.iter().map(|f| f.path.as_str()).collect();
+        failed.sort();
+        assert_eq!(failed, expected, "{run} run: {r:?}");
+        for f in &r.failures {
+            assert!(
+                f.reason.contains("longer than this system allows")
+                    && f.reason.contains("shorter --target"),
+                "{run} run: {f:?}"
+            );
+        }
+        let done = r.files_restored + r.files_unchanged;
+        assert_eq!(done, fits_files, "{run} run: {r:?}");
+        for (i, dir) in levels[..levels.len() - 2].iter().enumerate() {
+            let at = restored_root(&target, dir).join("f");
+            assert_eq!(std::fs::read(&at).unwrap(), format!("level {i}").as_bytes());
+        }
+        assert!(std::fs::metadata(&deepest).unwrap().is_dir());
     }
-    assert_eq!(r.files_restored, levels.len() as u64 - 2, "{r:?}");
-    for (i, dir) in levels[..levels.len() - 2].iter().enumerate() {
-        let at = restored_root(&target, &src).join(strip(dir)).join("f");
-        assert_eq!(std::fs::read(&at).unwrap(), format!("level {i}").as_bytes());
-    }
-    assert!(std::fs::metadata(&deepest).unwrap().is_dir());
 }
 
 #[test]

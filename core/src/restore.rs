@@ -282,15 +282,23 @@ fn temp_path(final_path: &Path) -> PathBuf {
     final_path.with_file_name(name)
 }
 
-/// An error creating `path`, with the way out when the path is longer
+/// An error reaching `path`, with the way out when the path is longer
 /// than the kernel takes (`PATH_MAX`): a snapshot path that fitted where
 /// it was backed up may not fit below a deep target.
 fn explain(path: &Path, err: &std::io::Error) -> String {
     let len = path.as_os_str().len();
     if err.raw_os_error() == Some(libc::ENAMETOOLONG) && len >= libc::PATH_MAX as usize {
         format!(
-            "the restored path is {len} bytes, longer than this system allows ({} bytes); \
+            "the path {} is {len} bytes, longer than this system allows ({} bytes); \
              restore into a shorter --target",
+            if path
+                .file_name()
+                .is_some_and(|n| n.as_encoded_bytes().starts_with(b".lb-restore-"))
+            {
+                "with its temporary name"
+            } else {
+                "restored"
+            },
             libc::PATH_MAX - 1
         )
     } else {
@@ -386,8 +394,9 @@ fn place_nameless(
         },
         // Without `overwrite`, whatever holds the name stays.
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(e),
-        // The name, not the linking, is at fault: a temporary name would
-        // be longer still, and later files can still be made nameless.
+        // The name, not the linking, is at fault: later files can still be
+        // made nameless (and a name too long for its path would usually be
+        // too long with a temporary name too).
         Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) => Err(e),
         Err(_) => {
             nameless.unsupported.store(true, Ordering::Relaxed);
@@ -537,7 +546,11 @@ impl Batch<'_> {
                 // The temporary name is derived again rather than stored: a
                 // path per file held for the whole batch was a tenth of its
                 // memory.
-                (o.open(temp_path(&path))?, Created::Named)
+                let temp = temp_path(&path);
+                let f = o
+                    .open(&temp)
+                    .map_err(|e| std::io::Error::new(e.kind(), explain(&temp, &e)))?;
+                (f, Created::Named)
             }
         };
         if fresh && node.sparse {
@@ -956,15 +969,10 @@ impl<'a> Restorer<'a, '_> {
         };
         match made {
             Ok(()) => self.open_dirs.push(e),
-            // This one place is out of reach (its path too long for this
-            // system, a directory we may not write in): the entry fails,
-            // and the rest of the snapshot is still restored.
-            Err(err)
-                if matches!(
-                    err.raw_os_error(),
-                    Some(libc::ENAMETOOLONG | libc::EACCES | libc::EPERM)
-                ) =>
-            {
+            // This one place is out of reach (its path is too long for
+            // this system): the entry fails, and the rest of the snapshot
+            // is still restored.
+            Err(err) if err.raw_os_error() == Some(libc::ENAMETOOLONG) => {
                 self.report.dirs -= 1;
                 self.report.failures.push(RestoreFailure {
                     path: e.display(),
@@ -975,8 +983,9 @@ impl<'a> Restorer<'a, '_> {
                 });
                 self.blocked.push(e.snap_path);
             }
-            // Anything else (no space, a read-only or failing file system)
-            // would fail every entry after it: the restore stops here.
+            // Anything else (no permission, no space, a read-only or
+            // failing file system) would fail most entries after it: the
+            // restore stops here.
             Err(err) => return Err(Error::io(&path, err)),
         }
         Ok(())
@@ -1070,6 +1079,13 @@ impl<'a> Restorer<'a, '_> {
                 }
                 Ok(_) => {}
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) if err.raw_os_error() == Some(libc::ENAMETOOLONG) => {
+                    self.report.failures.push(RestoreFailure {
+                        path: e.display(),
+                        reason: format!("cannot create: {}", explain(&path, &err)),
+                    });
+                    continue;
+                }
                 Err(err) => return Err(Error::io(&path, err)),
             }
             self.report.files_restored += 1;
