@@ -273,12 +273,15 @@ fn content_digest(content: &[Id]) -> blake3::Hash {
     h.finalize()
 }
 
+/// How the names [`temp_path`] makes begin.
+const TEMP_PREFIX: &str = ".lb-restore-";
+
 /// Name of the temporary file a file is written to before it is complete
 /// (unless it is nameless). Deterministic, so a rerun reuses or removes a
 /// leftover instead of leaving it behind.
 fn temp_path(final_path: &Path) -> PathBuf {
     let h = blake3::hash(final_path.as_os_str().as_encoded_bytes());
-    let name = format!(".lb-restore-{}.tmp", &h.to_hex()[..16]);
+    let name = format!("{TEMP_PREFIX}{}.tmp", &h.to_hex()[..16]);
     final_path.with_file_name(name)
 }
 
@@ -293,7 +296,7 @@ fn explain(path: &Path, err: &std::io::Error) -> String {
              restore into a shorter --target",
             if path
                 .file_name()
-                .is_some_and(|n| n.as_encoded_bytes().starts_with(b".lb-restore-"))
+                .is_some_and(|n| n.as_encoded_bytes().starts_with(TEMP_PREFIX.as_bytes()))
             {
                 "with its temporary name"
             } else {
