@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 seconds=${1:-20}
-targets=(pack index tree snapshot config agent_config encrypted_object writer_key)
+targets=(pack index tree snapshot config agent_config encrypted_object writer_key signed_object host_registry)
 cargo +nightly fuzz build -s none
 for t in "${targets[@]}"; do
     if compgen -G "regressions/$t/*" >/dev/null; then

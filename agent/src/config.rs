@@ -95,8 +95,9 @@
 //! newline trimmed) or inline `s3_secret_access_key`, never both.
 //! `connections` (1 to 1024) and `cache_dir` are optional. `writer_key =
 //! "/path"` makes a write-only backup host: the agent opens the repository
-//! with that credential (from `lifeboat key export-writer`) and has no
-//! `[passphrase]`; `[retention]`, `[check]` and `[[drill]]`, which need the
+//! with that credential (from `lifeboat key export-writer --host NAME`; its
+//! snapshots carry that host name, whatever the machine is called) and has
+//! no `[passphrase]`; `[retention]`, `[check]` and `[[drill]]`, which need the
 //! full key, are refused there and belong on a drill host.
 //!
 //! `[passphrase]` (required unless `writer_key` is given): exactly one of

@@ -10,6 +10,7 @@
 //! and commits nothing, when the command exits non-zero.
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -21,8 +22,9 @@ use lifeboat_core::backend::open_store;
 use lifeboat_core::backend::resilience::BreakerHandle;
 use lifeboat_core::backup::{backup, backup_stdin, BackupOptions, Progress, StdinSource};
 use lifeboat_core::check::{check, CheckOptions};
+use lifeboat_core::forget::{forget, ForgetOptions, ForgetWhat};
 use lifeboat_core::prune::{prune, PruneOptions};
-use lifeboat_core::retention::{apply_policy, GroupBy, SnapshotInfo};
+use lifeboat_core::retention::GroupBy;
 use lifeboat_core::{Error, Repository};
 use tokio::sync::{mpsc, watch};
 
@@ -280,8 +282,14 @@ impl Agent {
         let repo = self.open_repository(config)?;
         let mut tags = src.tags.clone();
         tags.push(source_tag(&src.name));
+        // A writer credential writes as its own host, whatever this
+        // machine is called.
+        let host = match repo.identity() {
+            Some(lifeboat_core::Signer::Host(h)) => h.clone(),
+            _ => self.host.clone(),
+        };
         let mut opts = BackupOptions {
-            host: Some(self.host.clone()),
+            host: Some(host),
             tags,
             cache_dir: Some(self.cache_dir(config)),
             ..BackupOptions::default()
@@ -301,11 +309,14 @@ impl Agent {
                 argv,
                 stdin_filename,
             } => {
+                // A process group of its own: stopping the backup stops
+                // everything the command started.
                 let child = Command::new(&argv[0])
                     .args(&argv[1..])
                     .stdin(Stdio::null())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped())
+                    .process_group(0)
                     .spawn()
                     .map_err(|e| format!("cannot start {:?}: {e}", argv[0]))?;
                 let reader = CommandOutput::new(child, argv[0].clone());
@@ -365,50 +376,41 @@ impl Agent {
             .as_ref()
             .ok_or("no [retention] section in the configuration")?;
         let repo = self.open_repository(config)?;
-        let snaps = repo.snapshots().map_err(|e| e.to_string())?;
-        let ours: Vec<SnapshotInfo> = snaps
-            .iter()
-            .filter(|(_, s)| {
-                if s.host == self.host {
-                    config
-                        .sources
-                        .iter()
-                        .any(|src| s.tags.contains(&source_tag(&src.name)))
-                } else {
-                    // Another host's (say, a write-only one's) snapshots, as
-                    // its agent tagged them.
-                    retention.hosts.contains(&s.host)
-                        && s.tags.iter().any(|t| t.starts_with(SOURCE_TAG_PREFIX))
-                }
-            })
-            .map(|(id, s)| SnapshotInfo {
-                id: id.to_hex(),
-                time: s.time,
-                host: s.host.clone(),
-                paths: s.paths.clone(),
-                tags: s.tags.clone(),
-                locked_until: s.locked_until,
-            })
-            .collect();
-        // Object Lock is judged by the store's clock (less a margin).
-        let lock_now = lifeboat_core::prune::lock_clock(&repo).map_err(|e| e.to_string())?;
-        let groups = apply_policy(
-            &ours,
-            &retention.policy,
-            GroupBy::host_and_paths(),
-            lock_now,
-            &chrono::Local,
+        let ours = |s: &lifeboat_core::Snapshot| {
+            if s.host == self.host {
+                config
+                    .sources
+                    .iter()
+                    .any(|src| s.tags.contains(&source_tag(&src.name)))
+            } else {
+                // Another host's (say, a write-only one's) snapshots, as
+                // its agent tagged them.
+                retention.hosts.contains(&s.host)
+                    && s.tags.iter().any(|t| t.starts_with(SOURCE_TAG_PREFIX))
+            }
+        };
+        let report = forget(
+            &repo,
+            &ForgetOptions {
+                what: ForgetWhat::Policy {
+                    policy: retention.policy.clone(),
+                    group_by: GroupBy::host_and_paths(),
+                    filter: &ours,
+                },
+                dry_run: false,
+            },
         )
         .map_err(|e| e.to_string())?;
-        let mut removed = 0;
-        for decision in groups.iter().flat_map(|g| &g.decisions) {
-            if !decision.keep {
-                repo.backend()
-                    .delete(&format!("snapshots/{}", decision.id))
-                    .map_err(|e| e.to_string())?;
-                removed += 1;
-            }
+        for w in report
+            .untrusted
+            .iter()
+            .map(ToString::to_string)
+            .chain(report.left_alone.iter().map(|l| format!("left alone: {l}")))
+            .chain(report.warnings.iter().cloned())
+        {
+            log::warn!("retention: {w}");
         }
+        let removed = report.removed.len();
         log::info!("retention: removed {removed} snapshot(s)");
         if retention.prune {
             let report = prune(&repo, &PruneOptions::default()).map_err(|e| e.to_string())?;
@@ -576,44 +578,25 @@ impl Agent {
 }
 
 /// Runs a hook with `/bin/sh -c`, failing on a non-zero exit or after
-/// `timeout`.
+/// `timeout`. Its output is read while it runs (the last 2 KiB kept for
+/// the message), and on the timeout its whole process group is stopped.
 fn run_hook(which: &str, command: &str, timeout: Duration) -> Result<(), String> {
-    let mut child = Command::new("/bin/sh")
-        .args(["-c", command])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args(["-c", command]);
+    let done = lifeboat_core::child::run(&mut cmd, timeout, 2000)
         .map_err(|e| format!("{which} hook: cannot start /bin/sh: {e}"))?;
-    let started = std::time::Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) if status.success() => return Ok(()),
-            Ok(Some(status)) => {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
-                }
-                return Err(format!(
-                    "{which} hook `{command}` failed ({status}){}",
-                    if err.trim().is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {}", err.trim())
-                    }
-                ));
-            }
-            Ok(None) if started.elapsed() > timeout => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "{which} hook `{command}` did not finish within {} s",
-                    timeout.as_secs()
-                ));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => return Err(format!("{which} hook: {e}")),
-        }
+    let said = if done.output.trim().is_empty() {
+        String::new()
+    } else {
+        format!(": {}", done.output.trim())
+    };
+    match done.status {
+        Some(status) if status.success() => Ok(()),
+        Some(status) => Err(format!("{which} hook `{command}` failed ({status}){said}")),
+        None => Err(format!(
+            "{which} hook `{command}` did not finish within {} s and was stopped, with everything it started{said}",
+            timeout.as_secs()
+        )),
     }
 }
 
@@ -686,9 +669,59 @@ impl Read for CommandOutput {
 impl Drop for CommandOutput {
     fn drop(&mut self) {
         if !self.finished {
-            // The backup stopped early (error or cancel): stop the command.
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            // The backup stopped early (error or cancel): stop the command
+            // and whatever it started.
+            lifeboat_core::child::stop_group(&mut self.child);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hook_writing_a_mebibyte_to_stderr_completes() {
+        let started = std::time::Instant::now();
+        run_hook(
+            "before",
+            "head -c 1048576 /dev/zero >&2; head -c 1048576 /dev/zero",
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(20));
+        let err = run_hook(
+            "after",
+            "echo it broke >&2; exit 3",
+            Duration::from_secs(30),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("it broke") && err.contains("exit status: 3"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_hook_whose_child_ignores_sigterm_is_gone_after_its_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let hook = format!(
+            "sh -c 'trap \"\" TERM; echo $$ > {}; while :; do sleep 1; done' & wait",
+            pid_file.display()
+        );
+        let err = run_hook("before", &hook, Duration::from_millis(500)).unwrap_err();
+        assert!(err.contains("did not finish within"), "{err}");
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        // Dead: gone, or a zombie its new parent has not reaped yet.
+        let dead = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).map_or(true, |s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+            })
+        });
+        assert!(dead, "the hook's child {} still runs", pid.trim());
     }
 }

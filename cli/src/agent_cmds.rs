@@ -214,17 +214,28 @@ pub fn catalog_rebuild(g: &Global, a: &ConfigArgs) -> Result<u8> {
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
     let agent = Agent::new(config.clone(), catalog.clone(), stop_rx);
     let repo = agent.open_repository(&config).map_err(|e| anyhow!(e))?;
-    let snaps = repo.snapshots()?;
+    // This host's own snapshots (never another host's that claim its
+    // source tags), and none dated in the future.
+    let list = repo.snapshots()?;
+    for w in list.warnings() {
+        eprintln!("warning: {w}");
+    }
+    let sel = lifeboat_core::Selector::host(&agent.host);
+    let snaps: Vec<_> = list
+        .select(&sel)
+        .filter(|l| !l.future)
+        .map(|l| (l.id, l.snapshot.clone()))
+        .collect();
     let records = records_from_snapshots(&snaps);
     catalog.replace_snapshots(&records)?;
     if g.json {
-        crate::commands::print_json(&json!({"snapshots": records.len(), "of": snaps.len()}))?;
+        crate::commands::print_json(&json!({"snapshots": records.len(), "of": list.len()}))?;
     } else if !g.quiet {
         println!(
             "catalog {}: {} snapshot(s) of configured sources (of {} in the repository)",
             catalog.path().display(),
             records.len(),
-            snaps.len()
+            list.len()
         );
     }
     output::ok()

@@ -16,7 +16,8 @@ EXIT CODES:
     4    `status`: a source's RPO or RTO target is breached
     10   no repository at the given location
     12   wrong passphrase
-    13   corruption found (check found problems, or data read was damaged)
+    13   corruption found (check found problems, data read was damaged, or an
+         object asked for does not verify: unsigned, or signed by another host)
     14   needs the full key: the command reads or deletes what a write-only
          credential (--writer-key) cannot; run it with a passphrase
     130  interrupted (Ctrl-C); the repository stays valid
@@ -134,6 +135,11 @@ pub enum Command {
     /// Manage the passphrases that open the repository.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Move a format-2 repository to format 3 (signed provenance): check
+    /// and vouch for its data, adopt its snapshots, register its hosts.
+    /// Safe to interrupt and run again; write-only hosts need new
+    /// credentials afterwards (`key export-writer --host NAME`).
+    Upgrade(UpgradeArgs),
     /// Run the agent: the daemon that backs up every configured source on
     /// schedule and keeps it within its RPO.
     Agent(AgentArgs),
@@ -371,22 +377,36 @@ pub struct BackupArgs {
 /// Snapshot filters.
 #[derive(Debug, Args, Clone)]
 pub struct FilterArgs {
-    /// Only snapshots of this host.
+    /// Only snapshots of this host (and `latest` is this host's newest).
     #[arg(long)]
     pub host: Option<String>,
-    /// Only snapshots with this tag.
-    #[arg(long)]
-    pub tag: Option<String>,
-    /// Only snapshots that include this path.
-    #[arg(long)]
-    pub path: Option<String>,
+    /// Only snapshots with this tag (repeatable: all of them).
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+    /// Only snapshots that include this path (repeatable: all of them).
+    #[arg(long = "path", value_name = "PATH")]
+    pub paths: Vec<String>,
+}
+
+impl FilterArgs {
+    /// The core's selector.
+    pub fn selector(&self) -> lifeboat_core::Selector {
+        lifeboat_core::Selector {
+            host: self.host.clone(),
+            paths: self.paths.clone(),
+            tags: self.tags.clone(),
+        }
+    }
 }
 
 /// `ls`.
 #[derive(Debug, Args)]
 pub struct LsArgs {
-    /// Snapshot ID prefix, or `latest`.
+    /// Snapshot ID prefix, or `latest` (the newest of --host, --path, --tag).
     pub snapshot: String,
+    /// Which snapshots `latest` chooses among.
+    #[command(flatten)]
+    pub filter: FilterArgs,
     /// Only entries at or below this path.
     pub path: Option<String>,
     /// Show mode, owner, size and time.
@@ -401,13 +421,19 @@ pub struct DiffArgs {
     pub from: String,
     /// The newer snapshot.
     pub to: String,
+    /// Which snapshots `latest` chooses among.
+    #[command(flatten)]
+    pub filter: FilterArgs,
 }
 
 /// `restore`.
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// Snapshot ID prefix, or `latest`.
+    /// Snapshot ID prefix, or `latest` (the newest of --host, --path, --tag).
     pub snapshot: String,
+    /// Which snapshots `latest` chooses among.
+    #[command(flatten)]
+    pub filter: FilterArgs,
     /// Directory to restore into.
     #[arg(long, short = 't')]
     pub target: PathBuf,
@@ -442,8 +468,11 @@ pub struct RestoreArgs {
 /// `dump`.
 #[derive(Debug, Args)]
 pub struct DumpArgs {
-    /// Snapshot ID prefix, or `latest`.
+    /// Snapshot ID prefix, or `latest` (the newest of --host, --path, --tag).
     pub snapshot: String,
+    /// Which snapshots `latest` chooses among.
+    #[command(flatten)]
+    pub filter: FilterArgs,
     /// Path of the file in the snapshot, e.g. /var/backups/db.dump.
     pub path: String,
 }
@@ -482,7 +511,7 @@ pub struct ForgetArgs {
     /// Keep the most recent snapshot of each of the last N years.
     #[arg(long, value_name = "N")]
     pub keep_yearly: Option<u32>,
-    /// Keep every snapshot within this duration of the newest (e.g. 7d, 1y2m).
+    /// Keep every snapshot taken within this duration before now (e.g. 7d, 1y2m).
     #[arg(long, value_name = "DURATION")]
     pub keep_within: Option<String>,
     /// Keep snapshots with this tag (repeatable).
@@ -500,6 +529,19 @@ pub struct ForgetArgs {
     /// Run prune afterwards.
     #[arg(long)]
     pub prune: bool,
+}
+
+/// `upgrade`.
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// Say what would be done, and change nothing.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+    /// Vouch for the existing index without reading the packs (quicker,
+    /// but only for a repository no writer credential could have been
+    /// stolen from: a forged listing would be vouched for too).
+    #[arg(long)]
+    pub trust_existing: bool,
 }
 
 /// `prune`.
@@ -549,6 +591,11 @@ pub enum KeyCommand {
         /// File to create (mode 0600; never overwritten).
         #[arg(long)]
         out: PathBuf,
+        /// The host it writes as: its snapshots carry this name, and no
+        /// other. A signing key is made for it and recorded in the
+        /// repository's host registry (format 3; required there).
+        #[arg(long, value_name = "NAME")]
+        host: Option<String>,
     },
     /// Change the passphrase of the key in use.
     Passwd {

@@ -10,9 +10,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use lifeboat_core::backend::{open_store, StoreOptions};
 use lifeboat_core::backup::{BackupOptions, Progress, StdinSource};
 use lifeboat_core::check::CheckOptions;
+use lifeboat_core::forget::{ForgetOptions, ForgetWhat};
 use lifeboat_core::prune::PruneOptions;
 use lifeboat_core::restore::RestoreOptions;
-use lifeboat_core::retention::{self, GroupBy, KeepPolicy, SnapshotInfo};
+use lifeboat_core::retention::{self, GroupBy, KeepPolicy};
 use lifeboat_core::{Backend, Id, InitOptions, Node, NodeKind, Repository, Snapshot};
 use serde_json::json;
 
@@ -37,6 +38,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Forget(a) => forget(g, a),
         Command::Prune(a) => prune(g, a),
         Command::Key(k) => key(g, k),
+        Command::Upgrade(a) => upgrade(g, a),
         Command::Agent(a) => crate::agent_cmds::agent(g, a),
         Command::Status(a) => crate::agent_cmds::status(g, a),
         Command::Run(a) => crate::agent_cmds::run_job(g, &a.job, &a.config),
@@ -70,6 +72,7 @@ fn refuse_write_only(command: &Command) -> Result<()> {
         Command::Forget(_) => "forget",
         Command::Prune(_) => "prune",
         Command::Key(_) => "key",
+        Command::Upgrade(_) => "upgrade",
         Command::Catalog(_) => "catalog rebuild",
         Command::Drill(_) => "drill",
     };
@@ -363,12 +366,38 @@ fn backup(g: &Global, a: &BackupArgs) -> Result<u8> {
     })
 }
 
-fn matches_filter(s: &Snapshot, f: &FilterArgs) -> bool {
-    f.host.as_ref().is_none_or(|h| &s.host == h)
-        && f.tag.as_ref().is_none_or(|t| s.tags.contains(t))
-        && f.path
-            .as_ref()
-            .is_none_or(|p| s.paths.iter().any(|sp| sp == p.trim_end_matches('/')))
+/// Resolves `spec` within `filter`, telling on stderr what it skipped
+/// (objects that did not verify, snapshots dated in the future) and, for
+/// a bare `latest` across several hosts, whose it took.
+fn find(g: &Global, repo: &Repository, spec: &str, filter: &FilterArgs) -> Result<(Id, Snapshot)> {
+    let list = repo.snapshots()?;
+    warn_all(g, &list.warnings());
+    let sel = filter.selector();
+    let found = list.find(spec, &sel)?;
+    if spec == "latest" && sel.host.is_none() && !g.quiet && !g.json {
+        let hosts: std::collections::BTreeSet<&str> = list
+            .select(&sel)
+            .map(|l| l.snapshot.host.as_str())
+            .collect();
+        if hosts.len() > 1 {
+            eprintln!(
+                "note: \"latest\" is host {}'s snapshot {}, the newest of {} hosts; give --host to choose",
+                found.snapshot.host,
+                found.id.short(),
+                hosts.len()
+            );
+        }
+    }
+    Ok((found.id, found.snapshot.clone()))
+}
+
+/// Prints warnings on stderr (unless --json, whose output carries them).
+fn warn_all(g: &Global, warnings: &[String]) {
+    if !g.json {
+        for w in warnings {
+            eprintln!("warning: {w}");
+        }
+    }
 }
 
 fn local_time(t: &chrono::DateTime<chrono::Utc>) -> String {
@@ -379,23 +408,32 @@ fn local_time(t: &chrono::DateTime<chrono::Utc>) -> String {
 
 fn snapshots(g: &Global, f: &FilterArgs) -> Result<u8> {
     let repo = open(g)?;
-    let snaps: Vec<(Id, Snapshot)> = repo
-        .snapshots()?
-        .into_iter()
-        .filter(|(_, s)| matches_filter(s, f))
-        .collect();
+    let list = repo.snapshots()?;
+    let sel = f.selector();
+    warn_all(g, &list.warnings());
     if g.json {
-        let v: Vec<_> = snaps
-            .iter()
-            .map(|(id, s)| {
-                let mut v = serde_json::to_value(s).expect("snapshot serialises");
-                v["id"] = json!(id.to_hex());
+        let v: Vec<_> = list
+            .select(&sel)
+            .map(|l| {
+                let mut v = serde_json::to_value(&l.snapshot).expect("snapshot serialises");
+                v["id"] = json!(l.id.to_hex());
+                v["trust"] = json!(l.trust);
+                v["future"] = json!(l.future);
                 v
             })
             .collect();
+        // Objects that did not verify go to stderr, as one JSON line, so
+        // the listing stays what it was.
+        if !list.rejected.is_empty() {
+            eprintln!("{}", json!({ "untrusted": list.rejected }));
+        }
         print_json(&json!(v))?;
         return output::ok();
     }
+    let snaps: Vec<(Id, Snapshot)> = list
+        .select(&sel)
+        .map(|l| (l.id, l.snapshot.clone()))
+        .collect();
     println!(
         "{:<8}  {:<19}  {:<16}  {:>10}  {:<12}  paths",
         "id", "time", "host", "size", "tags"
@@ -446,8 +484,8 @@ fn mode_string(n: &Node) -> String {
 
 fn ls(g: &Global, a: &LsArgs) -> Result<u8> {
     let repo = open(g)?;
-    let (_, snap) = repo.find_snapshot(&a.snapshot)?;
-    let index = repo.load_index()?;
+    let (_, snap) = find(g, &repo, &a.snapshot, &a.filter)?;
+    let index = repo.load_index_for_host(&snap.host)?;
     let prefix = a
         .path
         .as_deref()
@@ -455,7 +493,7 @@ fn ls(g: &Global, a: &LsArgs) -> Result<u8> {
         .unwrap_or_default();
     let mut out = std::io::stdout().lock();
     let mut items = Vec::new();
-    lifeboat_core::walk::walk(&repo, &index, &snap.tree, &mut |path, node| {
+    lifeboat_core::walk::walk(&repo, &index, &snap, &mut |path, node| {
         let p = String::from_utf8_lossy(path);
         if !(prefix.is_empty() || p == prefix || p.starts_with(&format!("{prefix}/"))) {
             return Ok(());
@@ -498,9 +536,9 @@ fn diff(g: &Global, a: &DiffArgs) -> Result<u8> {
     let repo = open(g)?;
     let index = repo.load_index()?;
     let collect = |spec: &str| -> Result<BTreeMap<Vec<u8>, Node>> {
-        let (_, snap) = repo.find_snapshot(spec)?;
+        let (_, snap) = find(g, &repo, spec, &a.filter)?;
         let mut map = BTreeMap::new();
-        lifeboat_core::walk::walk(&repo, &index, &snap.tree, &mut |path, node| {
+        lifeboat_core::walk::walk(&repo, &index, &snap, &mut |path, node| {
             map.insert(path.to_vec(), node.clone());
             Ok(())
         })?;
@@ -565,7 +603,7 @@ fn diff(g: &Global, a: &DiffArgs) -> Result<u8> {
 
 fn restore(g: &Global, a: &RestoreArgs) -> Result<u8> {
     let repo = open(g)?;
-    let (id, snap) = repo.find_snapshot(&a.snapshot)?;
+    let (id, snap) = find(g, &repo, &a.snapshot, &a.filter)?;
     let opts = RestoreOptions {
         target: a.target.clone(),
         includes: a.includes.clone(),
@@ -578,7 +616,7 @@ fn restore(g: &Global, a: &RestoreArgs) -> Result<u8> {
         index_cache: if a.no_cache { None } else { cache_dir(g) },
     };
     let start = std::time::Instant::now();
-    let report = lifeboat_core::restore::restore(&repo, &snap.tree, &opts)?;
+    let report = lifeboat_core::restore::restore(&repo, &snap, &opts)?;
     let secs = start.elapsed().as_secs_f64();
     if g.json {
         let mut v = serde_json::to_value(&report)?;
@@ -637,9 +675,9 @@ fn restore(g: &Global, a: &RestoreArgs) -> Result<u8> {
 
 fn dump(g: &Global, a: &DumpArgs) -> Result<u8> {
     let repo = open(g)?;
-    let (_, snap) = repo.find_snapshot(&a.snapshot)?;
+    let (_, snap) = find(g, &repo, &a.snapshot, &a.filter)?;
     let mut out = std::io::stdout().lock();
-    lifeboat_core::restore::dump(&repo, &snap.tree, &a.path, &mut out)?;
+    lifeboat_core::restore::dump(&repo, &snap, &a.path, &mut out)?;
     out.flush()?;
     output::ok()
 }
@@ -674,6 +712,9 @@ fn check(g: &Global, a: &CheckArgs) -> Result<u8> {
         for f in &report.affected {
             eprintln!("affected: snapshot {} {}: {}", f.snapshot, f.path, f.reason);
         }
+        for w in &report.warnings {
+            eprintln!("warning: {w}");
+        }
         if !g.quiet {
             println!(
                 "checked {} snapshots, {} trees, {} packs{}",
@@ -689,6 +730,12 @@ fn check(g: &Global, a: &CheckArgs) -> Result<u8> {
                     String::new()
                 }
             );
+            if report.packs_vouched > 0 {
+                println!(
+                    "vouched for {} pack(s) only their own hosts had listed: every host may now deduplicate against them",
+                    report.packs_vouched
+                );
+            }
             if report.unindexed_packs > 0 {
                 println!(
                     "{} packs are not indexed (left by interrupted backups; prune removes them)",
@@ -731,130 +778,48 @@ fn parse_duration(s: &str) -> Result<std::time::Duration> {
 
 fn forget(g: &Global, a: &ForgetArgs) -> Result<u8> {
     let repo = open(g)?;
-    let snaps = repo.snapshots()?;
-    // Object Lock is judged by the store's clock (less a margin), not ours.
-    let lock_now = lifeboat_core::prune::lock_clock(&repo)?;
-    let mut remove: Vec<(Id, Snapshot)> = Vec::new();
-    let mut json_groups = serde_json::Value::Null;
-    if !a.snapshots.is_empty() {
-        for spec in &a.snapshots {
-            remove.push(repo.find_snapshot(spec)?);
-        }
+    let sel = a.filter.selector();
+    let filter = |s: &Snapshot| sel.matches(s);
+    let what = if !a.snapshots.is_empty() {
+        ForgetWhat::Ids(a.snapshots.clone(), sel.clone())
     } else {
-        let policy = KeepPolicy {
-            last: a.keep_last,
-            hourly: a.keep_hourly,
-            daily: a.keep_daily,
-            weekly: a.keep_weekly,
-            monthly: a.keep_monthly,
-            yearly: a.keep_yearly,
-            within: a
-                .keep_within
-                .as_deref()
-                .map(retention::parse_within)
-                .transpose()?,
-            tags: a.keep_tag.clone(),
-        };
-        let mut group_by = GroupBy::default();
-        for f in a
-            .group_by
-            .split(',')
-            .map(str::trim)
-            .filter(|f| !f.is_empty())
-        {
-            match f {
-                "host" => group_by.host = true,
-                "paths" | "path" => group_by.paths = true,
-                "tags" | "tag" => group_by.tags = true,
-                other => bail!("--group-by takes host, paths and tags, not {other:?}"),
-            }
+        ForgetWhat::Policy {
+            policy: KeepPolicy {
+                last: a.keep_last,
+                hourly: a.keep_hourly,
+                daily: a.keep_daily,
+                weekly: a.keep_weekly,
+                monthly: a.keep_monthly,
+                yearly: a.keep_yearly,
+                within: a
+                    .keep_within
+                    .as_deref()
+                    .map(retention::parse_within)
+                    .transpose()?,
+                tags: a.keep_tag.clone(),
+            },
+            group_by: group_by(&a.group_by)?,
+            filter: &filter,
         }
-        let infos: Vec<SnapshotInfo> = snaps
-            .iter()
-            .filter(|(_, s)| matches_filter(s, &a.filter))
-            .map(|(id, s)| SnapshotInfo {
-                id: id.to_hex(),
-                time: s.time,
-                host: s.host.clone(),
-                paths: s.paths.clone(),
-                tags: s.tags.clone(),
-                locked_until: s.locked_until,
-            })
-            .collect();
-        let groups = retention::apply_policy(&infos, &policy, group_by, lock_now, &chrono::Local)?;
-        for grp in &groups {
-            if !g.json && !g.quiet {
-                println!(
-                    "group host={} paths={} tags={}",
-                    grp.host.as_deref().unwrap_or("*"),
-                    grp.paths
-                        .as_ref()
-                        .map(|p| p.join(" "))
-                        .unwrap_or_else(|| "*".into()),
-                    grp.tags
-                        .as_ref()
-                        .map(|p| p.join(","))
-                        .unwrap_or_else(|| "*".into())
-                );
-            }
-            for d in &grp.decisions {
-                let id: Id = d.id.parse().map_err(|e| anyhow!("{e}"))?;
-                if !g.json && !g.quiet {
-                    println!(
-                        "  {} {}  {}  {}",
-                        if d.keep { "keep  " } else { "remove" },
-                        id.short(),
-                        local_time(&d.time),
-                        d.reasons.join(", ")
-                    );
-                }
-                if !d.keep {
-                    if let Some(s) = snaps.iter().find(|(sid, _)| *sid == id) {
-                        remove.push(s.clone());
-                    }
-                }
-            }
-        }
-        json_groups = serde_json::to_value(&groups)?;
-    }
-    // The store would refuse (or, in a versioned bucket, only hide) a
-    // locked snapshot: name it instead of trying.
-    let locked: Vec<String> = remove
-        .iter()
-        .filter_map(|(id, s)| {
-            s.locked_until.filter(|u| *u > lock_now).map(|u| {
-                format!(
-                    "{} (until {})",
-                    id.short(),
-                    u.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                )
-            })
-        })
-        .collect();
-    if !locked.is_empty() {
-        bail!(
-            "refusing to forget {} snapshot(s) still under Object Lock: {}; nothing was removed. They can be forgotten after those dates",
-            locked.len(),
-            locked.join(", ")
-        );
-    }
-    if !a.dry_run {
-        for (id, _) in &remove {
-            repo.backend().delete(&format!("snapshots/{id}"))?;
-        }
-    }
+    };
+    let report = lifeboat_core::forget::forget(
+        &repo,
+        &ForgetOptions {
+            what,
+            dry_run: a.dry_run,
+        },
+    )?;
     if g.json {
         print_json(&json!({
             "dry_run": a.dry_run,
-            "removed": remove.iter().map(|(id, _)| id.to_hex()).collect::<Vec<_>>(),
-            "groups": json_groups,
+            "removed": report.removed.iter().map(|id| id.to_hex()).collect::<Vec<_>>(),
+            "groups": report.groups,
+            "left_alone": report.left_alone,
+            "untrusted": report.untrusted,
+            "warnings": report.warnings,
         }))?;
-    } else if !g.quiet {
-        println!(
-            "{} {} snapshots",
-            if a.dry_run { "would remove" } else { "removed" },
-            remove.len()
-        );
+    } else {
+        print_forget(g, a, &report);
     }
     if a.prune && !a.dry_run {
         return prune_repo(
@@ -868,6 +833,64 @@ fn forget(g: &Global, a: &ForgetArgs) -> Result<u8> {
         );
     }
     output::ok()
+}
+
+/// Parses `--group-by`.
+fn group_by(fields: &str) -> Result<GroupBy> {
+    let mut group_by = GroupBy::default();
+    for f in fields.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+        match f {
+            "host" => group_by.host = true,
+            "paths" | "path" => group_by.paths = true,
+            "tags" | "tag" => group_by.tags = true,
+            other => bail!("--group-by takes host, paths and tags, not {other:?}"),
+        }
+    }
+    Ok(group_by)
+}
+
+/// Prints what `forget` decided, group by group.
+fn print_forget(g: &Global, a: &ForgetArgs, report: &lifeboat_core::forget::ForgetReport) {
+    for r in &report.untrusted {
+        eprintln!("warning: {r}; it is neither judged nor removed");
+    }
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    for l in &report.left_alone {
+        eprintln!("left alone: {l}");
+    }
+    if g.quiet {
+        return;
+    }
+    for grp in &report.groups {
+        println!(
+            "group host={} paths={} tags={}",
+            grp.host.as_deref().unwrap_or("*"),
+            grp.paths
+                .as_ref()
+                .map(|p| p.join(" "))
+                .unwrap_or_else(|| "*".into()),
+            grp.tags
+                .as_ref()
+                .map(|p| p.join(","))
+                .unwrap_or_else(|| "*".into())
+        );
+        for d in &grp.decisions {
+            println!(
+                "  {} {}  {}  {}",
+                if d.keep { "keep  " } else { "remove" },
+                &d.id[..8],
+                local_time(&d.time),
+                d.reasons.join(", ")
+            );
+        }
+    }
+    println!(
+        "{} {} snapshots",
+        if a.dry_run { "would remove" } else { "removed" },
+        report.removed.len()
+    );
 }
 
 fn prune(g: &Global, a: &PruneArgs) -> Result<u8> {
@@ -886,6 +909,14 @@ fn prune_repo(g: &Global, repo: &Repository, a: &PruneArgs) -> Result<u8> {
         ..PruneOptions::default()
     };
     let r = lifeboat_core::prune::prune(repo, &opts)?;
+    if !g.json {
+        for u in &r.untrusted {
+            eprintln!("warning: {u}; it keeps what it names from prune, and is not deleted");
+        }
+        for p in r.repack_refused.iter().chain(&r.unreadable_trees) {
+            eprintln!("warning: {p}");
+        }
+    }
     if g.json {
         print_json(&serde_json::to_value(&r)?)?;
     } else if !g.quiet {
@@ -934,6 +965,65 @@ fn prune_repo(g: &Global, repo: &Repository, a: &PruneArgs) -> Result<u8> {
         }
     }
     output::ok()
+}
+
+fn upgrade(g: &Global, a: &UpgradeArgs) -> Result<u8> {
+    let repo = open(g)?;
+    let r = lifeboat_core::upgrade::upgrade(
+        &repo,
+        &lifeboat_core::upgrade::UpgradeOptions {
+            dry_run: a.dry_run,
+            trust_existing: a.trust_existing,
+        },
+    )?;
+    if g.json {
+        print_json(&serde_json::to_value(&r)?)?;
+        return output::ok();
+    }
+    for f in r.packs_failed.iter().chain(&r.snapshots_failed) {
+        eprintln!("warning: {f}");
+    }
+    if !g.quiet {
+        let verb = |done: &str, would: &str| {
+            if a.dry_run {
+                would.to_string()
+            } else {
+                done.to_string()
+            }
+        };
+        println!(
+            "{} {} pack(s), adopted {} snapshot(s), registered {} host(s){}",
+            verb("vouched for", "would vouch for"),
+            r.packs_vouched,
+            r.snapshots_adopted,
+            r.hosts_registered.len(),
+            if r.hosts_registered.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", r.hosts_registered.join(", "))
+            }
+        );
+        if r.config_upgraded {
+            println!(
+                "repository is now format {}: every new snapshot, index object and plan is signed. Write-only hosts need new credentials: `lifeboat key export-writer --host NAME --out FILE` for each",
+                r.to_version
+            );
+        } else if a.dry_run {
+            println!("dry run: nothing was written");
+        } else {
+            println!(
+                "repository was already format {}; nothing left to adopt",
+                r.to_version
+            );
+        }
+    }
+    Ok(
+        if r.packs_failed.is_empty() && r.snapshots_failed.is_empty() {
+            output::OK
+        } else {
+            output::INCOMPLETE
+        },
+    )
 }
 
 /// Writes a secret to a new file of mode 0600, never replacing one.
@@ -1012,8 +1102,11 @@ fn key(g: &Global, k: &KeyCommand) -> Result<u8> {
                 );
             }
         }
-        KeyCommand::ExportWriter { out } => {
-            write_secret_file(out, &repo.writer_key()?.to_file())?;
+        KeyCommand::ExportWriter { out, host } => {
+            if out.exists() {
+                bail!("creating {} (it must not exist yet)", out.display());
+            }
+            write_secret_file(out, &repo.writer_key(host.as_deref())?.to_file())?;
             if g.json {
                 print_json(&json!({"writer_key": out, "repository": repo.config().id}))?;
             } else if !g.quiet {

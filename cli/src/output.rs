@@ -44,7 +44,9 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     match err.downcast_ref::<Error>() {
         Some(Error::NoRepository { .. }) => NO_REPOSITORY,
         Some(Error::WrongPassphrase) => WRONG_PASSPHRASE,
-        Some(Error::Corrupt { .. }) | Some(Error::Missing { .. }) => CORRUPT,
+        Some(Error::Corrupt { .. })
+        | Some(Error::Missing { .. })
+        | Some(Error::Untrusted { .. }) => CORRUPT,
         Some(Error::Interrupted) => INTERRUPTED,
         Some(Error::NeedsFullKey { .. }) => NEEDS_FULL_KEY,
         _ => FAILURE,

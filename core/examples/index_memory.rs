@@ -63,16 +63,13 @@ fn main() {
             })
             .collect();
         // Feed packs one index file at a time, as loading does.
-        builder.add_file(&IndexFile {
-            version: 1,
-            packs: vec![IndexPack {
-                locked_until: None,
-                id: Id::of_bytes(&(p as u64).to_le_bytes()),
-                kind: BlobKind::Data,
-                size: 16 << 20,
-                blobs,
-            }],
-        });
+        builder.add_file(&IndexFile::of(vec![IndexPack {
+            locked_until: None,
+            id: Id::of_bytes(&(p as u64).to_le_bytes()),
+            kind: BlobKind::Data,
+            size: 16 << 20,
+            blobs,
+        }]));
     }
     let index = builder.build();
     let (anon1, _) = rss();

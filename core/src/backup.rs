@@ -37,6 +37,7 @@ use crate::error::{Error, Result};
 use crate::fsmeta;
 use crate::id::Id;
 use crate::index::{Index, IndexFile, IndexPack};
+use crate::object::ObjectKind;
 use crate::pack::{BlobEncoder, BlobKind, PackBuilder};
 use crate::repo::{pack_key, Repository};
 use crate::tree::{Bytes, Node, NodeKind, Snapshot, Summary, Tree, Xattr};
@@ -340,15 +341,8 @@ impl Shared<'_> {
             }
         };
         if !full.is_empty() {
-            let id = self.repo.save_json_retained(
-                "index",
-                &IndexFile {
-                    version: 1,
-                    packs: full,
-                },
-                self.retention.as_ref(),
-            )?;
-            self.index_objects.lock().expect("poisoned").push(id);
+            let ids = save_index(self.repo, full, self.retention.as_ref())?;
+            self.index_objects.lock().expect("poisoned").extend(ids);
         }
         Ok(())
     }
@@ -1343,9 +1337,12 @@ fn run(
     let started_at = chrono::Utc::now();
     let clock = std::time::Instant::now();
     let excludes = Excludes::new(&opts.excludes)?;
+    let host = snapshot_host(repo, opts.host.as_deref())?;
+    // Only listings this host may trust: its own, and what a full-key host
+    // vouched for. Another host's listing could name blobs it never stored.
     let index = match &opts.cache_dir {
         Some(dir) => repo.load_index_cached(dir)?,
-        None => repo.load_index()?,
+        None => repo.load_dedup_index()?,
     };
     let (plans_seen, condemned) = crate::prune::condemned_packs(repo)?;
     let index = index.without_packs(&condemned);
@@ -1525,15 +1522,8 @@ fn run(
     }
     let rest = std::mem::take(&mut *shared.unindexed.lock().expect("poisoned"));
     if !rest.is_empty() {
-        let id = repo.save_json_retained(
-            "index",
-            &IndexFile {
-                version: 1,
-                packs: rest,
-            },
-            shared.retention.as_ref(),
-        )?;
-        shared.index_objects.lock().expect("poisoned").push(id);
+        let ids = save_index(repo, rest, shared.retention.as_ref())?;
+        shared.index_objects.lock().expect("poisoned").extend(ids);
     }
     // A prune that started after us may have condemned packs we reused; if
     // so, committing would reference data about to be deleted.
@@ -1555,7 +1545,7 @@ fn run(
         // after its own first packs' locks would have ended.
         if shared.retention.is_some_and(|r| r.until < needed.until) {
             for id in shared.index_objects.lock().expect("poisoned").iter() {
-                packs.extend(repo.load_json::<IndexFile>("index", id)?.packs);
+                packs.extend(repo.load::<IndexFile>(ObjectKind::Index, id)?.packs);
             }
         }
         extend_locks(repo, packs, lock)?;
@@ -1569,7 +1559,7 @@ fn run(
     let snapshot = Snapshot {
         version: 1,
         time: started_at,
-        host: opts.host.clone().unwrap_or_else(fsmeta::hostname),
+        host,
         user: fsmeta::username(),
         paths,
         tags: opts.tags.clone(),
@@ -1580,7 +1570,7 @@ fn run(
         locked_until: snapshot_retention.map(|r| r.until),
     };
     let snapshot_id =
-        repo.save_json_retained("snapshots", &snapshot, snapshot_retention.as_ref())?;
+        repo.save_retained(ObjectKind::Snapshot, &snapshot, snapshot_retention.as_ref())?;
     if let Some(cache) = walker.cache.take() {
         cache.commit()?;
     }
@@ -1589,6 +1579,35 @@ fn run(
         snapshot,
         warnings: walker.warnings,
     })
+}
+
+/// The host a backup's snapshot names: the one a writer credential writes
+/// as (asking for another is refused, as its signature would give the lie
+/// to the name), else the one asked for, else this machine's name.
+fn snapshot_host(repo: &Repository, asked: Option<&str>) -> Result<String> {
+    match (repo.identity(), asked) {
+        (Some(crate::provenance::Signer::Host(me)), Some(other)) if other != me => {
+            Err(Error::Invalid(format!(
+                "this writer credential writes as host {me}, so its snapshots cannot name host {other}; export a credential for {other} with `lifeboat key export-writer --host {other}`"
+            )))
+        }
+        (Some(crate::provenance::Signer::Host(me)), _) => Ok(me.clone()),
+        (_, Some(asked)) => Ok(asked.to_string()),
+        (_, None) => Ok(fsmeta::hostname()),
+    }
+}
+
+/// Writes index objects listing `packs` (split so that each fits every
+/// reader's limit), with `retention`; returns their IDs.
+pub(crate) fn save_index(
+    repo: &Repository,
+    packs: Vec<IndexPack>,
+    retention: Option<&Retention>,
+) -> Result<Vec<Id>> {
+    IndexFile::split(packs, None)
+        .iter()
+        .map(|file| repo.save_retained(ObjectKind::Index, file, retention))
+        .collect()
 }
 
 /// The FastCDC gear seed, derived from the chunk key so that chunk
@@ -1636,16 +1655,7 @@ pub(crate) fn extend_locks(
     for p in &mut packs {
         p.locked_until = Some(retention.until);
     }
-    for chunk in packs.chunks(1000) {
-        repo.save_json_retained(
-            "index",
-            &IndexFile {
-                version: 1,
-                packs: chunk.to_vec(),
-            },
-            Some(&retention),
-        )?;
-    }
+    save_index(repo, packs.clone(), Some(&retention))?;
     let extended = crate::parallel::map(
         packs.iter().map(|p| p.id).collect(),
         crate::parallel::io_threads(repo.backend()),

@@ -13,10 +13,12 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::index::{Index, IndexFile};
+use crate::index::{Index, IndexPack};
+use crate::object::ObjectKind;
 use crate::pack::{decode_blob, parse_pack};
+use crate::provenance::IndexTrust;
 use crate::repo::Repository;
 use crate::tree::{NodeKind, Snapshot};
 
@@ -55,8 +57,15 @@ pub struct CheckReport {
     pub blobs_verified: usize,
     /// Packs stored but in no index (left by an interrupted backup; prune removes them).
     pub unindexed_packs: usize,
-    /// Problems found. Empty means the repository is healthy.
+    /// Packs only hosts' own listings named, verified whole by this check
+    /// and now vouched for (every host may dedup against them).
+    pub packs_vouched: usize,
+    /// Problems found, objects that do not verify among them. Empty means
+    /// the repository is healthy.
     pub errors: Vec<String>,
+    /// Things worth knowing that are not damage (snapshots dated in the
+    /// future).
+    pub warnings: Vec<String>,
     /// Files and directories affected by the problems.
     pub affected: Vec<Affected>,
 }
@@ -70,23 +79,13 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
     // long-lived agent or test) must not stand in for damaged ones.
     repo.clear_pack_cache();
     let mut report = CheckReport::default();
-
-    // Indexes.
-    let mut index = crate::index::IndexBuilder::new();
-    let mut index_packs: HashMap<Id, crate::index::IndexPack> = HashMap::new();
-    for id in repo.list_ids("index")? {
-        match repo.load_json::<IndexFile>("index", &id) {
-            Ok(file) => {
-                index.add_file(&file);
-                for p in file.packs {
-                    index_packs.entry(p.id).or_insert(p);
-                }
-            }
-            Err(e) => report.errors.push(e.to_string()),
-        }
+    for r in &repo.trust()?.rejected {
+        report.errors.push(r.to_string());
     }
-    let index = index.build();
-    report.packs = index_packs.len();
+    check_plans(repo, &mut report)?;
+    let listings = read_listings(repo, &mut report)?;
+    let index = &listings.index;
+    report.packs = listings.packs.len();
 
     // Packs against storage.
     let stored: HashMap<Id, u64> = repo
@@ -95,124 +94,29 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
         .map(|(id, o)| (id, o.size))
         .collect();
     let mut bad_blobs: HashMap<Id, String> = HashMap::new();
-    let mark_pack = |bad: &mut HashMap<Id, String>, pack: &Id, why: &str| {
-        if let Some(p) = index_packs.get(pack) {
-            for b in &p.blobs {
-                bad.entry(b.id)
-                    .or_insert_with(|| format!("pack {} {why}", pack.short()));
-            }
-        }
-    };
-    for (id, p) in &index_packs {
-        match stored.get(id) {
-            None => {
-                report
-                    .errors
-                    .push(format!("pack {} is missing from storage", id.short()));
-                mark_pack(&mut bad_blobs, id, "is missing");
-            }
-            Some(&size) if size != p.size => {
-                report.errors.push(format!(
-                    "pack {} has {size} bytes, the index says {} (truncated or altered)",
-                    id.short(),
-                    p.size
-                ));
-                mark_pack(&mut bad_blobs, id, "has the wrong size");
-            }
-            _ => {}
-        }
-    }
-    report.unindexed_packs = stored
-        .keys()
-        .filter(|id| !index_packs.contains_key(id))
-        .count();
+    check_stored(&listings.packs, &stored, &mut report, &mut bad_blobs);
 
     // Snapshots and trees.
-    let mut snapshots: Vec<(Id, Snapshot)> = Vec::new();
-    for id in repo.list_ids("snapshots")? {
-        match repo.load_json::<Snapshot>("snapshots", &id) {
-            Ok(s) => snapshots.push((id, s)),
-            Err(e) => report.errors.push(e.to_string()),
-        }
+    let list = repo.snapshots()?;
+    for r in &list.rejected {
+        report.errors.push(r.to_string());
     }
+    report.warnings.extend(
+        list.warnings()
+            .into_iter()
+            .filter(|w| !w.contains(" is not trusted: ")),
+    );
+    let snapshots: Vec<(Id, Snapshot)> = list
+        .snapshots
+        .into_iter()
+        .map(|l| (l.id, l.snapshot))
+        .collect();
     report.snapshots = snapshots.len();
-    let mut seen_trees: HashSet<Id> = HashSet::new();
-    let mut bad_trees: HashMap<Id, String> = HashMap::new();
-    let mut missing_blobs: HashSet<Id> = HashSet::new();
-    for (_, snap) in &snapshots {
-        let mut stack = vec![snap.tree];
-        while let Some(t) = stack.pop() {
-            if !seen_trees.insert(t) {
-                continue;
-            }
-            match repo.load_tree(&index, &t) {
-                Ok(tree) => {
-                    for n in tree.nodes {
-                        match n.kind {
-                            NodeKind::Dir => stack.extend(n.subtree),
-                            NodeKind::File => {
-                                for b in n.content {
-                                    if !index.contains(&b) && missing_blobs.insert(b) {
-                                        report.errors.push(format!(
-                                            "data blob {} is not in any index",
-                                            b.short()
-                                        ));
-                                    }
-                                }
-                            }
-                            _ => {}
-                        }
-                    }
-                }
-                Err(e) => {
-                    report.errors.push(format!("tree {}: {e}", t.short()));
-                    bad_trees.insert(t, e.to_string());
-                }
-            }
-        }
-    }
-    report.trees = seen_trees.len();
+    let (bad_trees, missing_blobs) = check_trees(repo, index, &snapshots, &mut report);
 
     // Pack contents.
     if opts.read_data {
-        let mut packs: Vec<Id> = index_packs
-            .keys()
-            .filter(|id| stored.contains_key(id))
-            .copied()
-            .collect();
-        packs.sort();
-        if let Some(pct) = opts.subset_percent {
-            let pct = pct.clamp(0.0, 100.0);
-            let want = ((packs.len() as f64 * pct / 100.0).ceil() as usize).min(packs.len());
-            use rand::seq::SliceRandom;
-            packs.shuffle(&mut rand::thread_rng());
-            packs.truncate(want);
-        }
-        let results = Mutex::new((
-            Vec::<String>::new(),
-            HashMap::<Id, String>::new(),
-            0usize,
-            0usize,
-        ));
-        let _ = crate::parallel::map(
-            packs,
-            crate::parallel::pack_threads(repo.backend()),
-            |pack_id| {
-                let (errs, bad, verified) = verify_pack(repo, &pack_id, index_packs.get(&pack_id));
-                let mut r = results.lock().expect("poisoned");
-                r.0.extend(errs);
-                r.1.extend(bad);
-                r.2 += verified;
-                r.3 += 1;
-            },
-        );
-        let (errs, bad, verified, read) = results.into_inner().expect("poisoned");
-        report.errors.extend(errs);
-        for (k, v) in bad {
-            bad_blobs.entry(k).or_insert(v);
-        }
-        report.blobs_verified = verified;
-        report.packs_read = read;
+        read_data(repo, opts, &listings, &stored, &mut report, &mut bad_blobs);
     }
 
     // Trace damage to files.
@@ -225,7 +129,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
         for (snap_id, snap) in &snapshots {
             trace(
                 repo,
-                &index,
+                index,
                 snap_id,
                 &snap.tree,
                 &bad_blobs,
@@ -239,6 +143,268 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
     report.errors.sort();
     report.errors.dedup();
     Ok(report)
+}
+
+/// Names every prune plan that does not verify (only a full-key host
+/// writes plans; backups and prune ignore the others).
+fn check_plans(repo: &Repository, report: &mut CheckReport) -> Result<()> {
+    for (id, info) in repo.list_objects(ObjectKind::Plan)? {
+        match repo.load_admin_listed::<crate::prune::PrunePlan>(
+            ObjectKind::Plan,
+            &id,
+            Some(info.size),
+        ) {
+            Ok(_) => {}
+            Err(e @ Error::Backend(_)) => return Err(e),
+            Err(Error::Untrusted { object, reason }) => report
+                .errors
+                .push(format!("{object} is not trusted: {reason}")),
+            Err(e) => report
+                .errors
+                .push(format!("{}: {e}", ObjectKind::Plan.key(&id))),
+        }
+    }
+    Ok(())
+}
+
+/// What the index objects say, as check uses it.
+struct CheckListings {
+    /// Every trusted listing, for reading trees.
+    index: Index,
+    /// Per pack, the union of its trusted listings (prune's rule too).
+    packs: HashMap<Id, IndexPack>,
+    /// Packs only hosts' own listings name: `read_data` vouches for those
+    /// it verifies whole.
+    unvouched: HashSet<Id>,
+}
+
+/// Reads every index object; names those that cannot be read or do not
+/// verify (a writer's forgeries among them) as errors.
+fn read_listings(repo: &Repository, report: &mut CheckReport) -> Result<CheckListings> {
+    let mut builder = crate::index::IndexBuilder::new();
+    let mut packs: HashMap<Id, IndexPack> = HashMap::new();
+    let mut vouched: HashSet<Id> = HashSet::new();
+    for (id, info) in repo.list_objects(ObjectKind::Index)? {
+        let (file, trust) = match repo.load_index_object(&id, Some(info.size)) {
+            Ok(loaded) => loaded,
+            Err(e @ Error::Backend(_)) => return Err(e),
+            Err(e) => {
+                report
+                    .errors
+                    .push(format!("{}: {e}", ObjectKind::Index.key(&id)));
+                continue;
+            }
+        };
+        let tier = match &trust {
+            IndexTrust::Vouched => 0,
+            IndexTrust::Host(_) => 1,
+            IndexTrust::Superseded | IndexTrust::Foreign => continue,
+            IndexTrust::Untrusted(why) => {
+                report
+                    .errors
+                    .push(format!("index/{id} is not trusted: {why}"));
+                continue;
+            }
+        };
+        builder.add_object(id, &file, tier);
+        for p in file.packs {
+            if tier == 0 {
+                vouched.insert(p.id);
+            }
+            crate::index::merge_listing(&mut packs, p);
+        }
+    }
+    let unvouched = packs
+        .keys()
+        .filter(|p| !vouched.contains(p))
+        .copied()
+        .collect();
+    Ok(CheckListings {
+        index: builder.build(),
+        packs,
+        unvouched,
+    })
+}
+
+/// Checks every listed pack against what the store holds.
+fn check_stored(
+    packs: &HashMap<Id, IndexPack>,
+    stored: &HashMap<Id, u64>,
+    report: &mut CheckReport,
+    bad_blobs: &mut HashMap<Id, String>,
+) {
+    let mut mark_pack = |pack: &Id, why: &str| {
+        if let Some(p) = packs.get(pack) {
+            for b in &p.blobs {
+                bad_blobs
+                    .entry(b.id)
+                    .or_insert_with(|| format!("pack {} {why}", pack.short()));
+            }
+        }
+    };
+    for (id, p) in packs {
+        match stored.get(id) {
+            None => {
+                report
+                    .errors
+                    .push(format!("pack {} is missing from storage", id.short()));
+                mark_pack(id, "is missing");
+            }
+            Some(&size) if size != p.size => {
+                report.errors.push(format!(
+                    "pack {} has {size} bytes, the index says {} (truncated or altered)",
+                    id.short(),
+                    p.size
+                ));
+                mark_pack(id, "has the wrong size");
+            }
+            _ => {}
+        }
+    }
+    report.unindexed_packs = stored.keys().filter(|id| !packs.contains_key(id)).count();
+}
+
+/// Reads every tree the snapshots reach, each once (a tree many
+/// directories share, or a hostile graph of trees, costs one read).
+/// Returns the trees that failed and the data blobs no index lists.
+fn check_trees(
+    repo: &Repository,
+    index: &Index,
+    snapshots: &[(Id, Snapshot)],
+    report: &mut CheckReport,
+) -> (HashMap<Id, String>, HashSet<Id>) {
+    let mut seen_trees: HashSet<Id> = HashSet::new();
+    let mut bad_trees: HashMap<Id, String> = HashMap::new();
+    let mut missing_blobs: HashSet<Id> = HashSet::new();
+    for (_, snap) in snapshots {
+        let mut stack = vec![snap.tree];
+        while let Some(t) = stack.pop() {
+            if !seen_trees.insert(t) {
+                continue;
+            }
+            match repo.load_tree(index, &t) {
+                Ok(tree) => {
+                    for n in tree.nodes {
+                        match n.kind {
+                            NodeKind::Dir => stack.extend(n.subtree),
+                            NodeKind::File => {
+                                check_file(index, &n, report, &mut missing_blobs);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Err(e) => {
+                    report.errors.push(format!("tree {}: {e}", t.short()));
+                    bad_trees.insert(t, e.to_string());
+                }
+            }
+        }
+    }
+    report.trees = seen_trees.len();
+    (bad_trees, missing_blobs)
+}
+
+/// Checks that a file's blobs are listed and add up to its size.
+fn check_file(
+    index: &Index,
+    n: &crate::tree::Node,
+    report: &mut CheckReport,
+    missing_blobs: &mut HashSet<Id>,
+) {
+    let mut total = 0u64;
+    let mut known = true;
+    for b in &n.content {
+        match index.get(b) {
+            Some((_, loc)) => total += loc.raw_length as u64,
+            None => {
+                known = false;
+                if missing_blobs.insert(*b) {
+                    report
+                        .errors
+                        .push(format!("data blob {} is not in any index", b.short()));
+                }
+            }
+        }
+    }
+    if known && total != n.size {
+        report.errors.push(format!(
+            "file {:?} declares {} bytes but its blobs hold {total}; restore refuses it",
+            n.name.lossy(),
+            n.size
+        ));
+    }
+}
+
+/// Reads packs (all, or a random share) and verifies every blob; vouches,
+/// in an index object signed by the admin key, for each pack only hosts'
+/// own listings named and that verified whole, so that every host may
+/// dedup against it from now on.
+fn read_data(
+    repo: &Repository,
+    opts: &CheckOptions,
+    listings: &CheckListings,
+    stored: &HashMap<Id, u64>,
+    report: &mut CheckReport,
+    bad_blobs: &mut HashMap<Id, String>,
+) {
+    let mut packs: Vec<Id> = listings
+        .packs
+        .keys()
+        .filter(|id| stored.contains_key(id))
+        .copied()
+        .collect();
+    packs.sort();
+    if let Some(pct) = opts.subset_percent {
+        let pct = pct.clamp(0.0, 100.0);
+        let want = ((packs.len() as f64 * pct / 100.0).ceil() as usize).min(packs.len());
+        use rand::seq::SliceRandom;
+        packs.shuffle(&mut rand::thread_rng());
+        packs.truncate(want);
+    }
+    let results = Mutex::new(ReadResults::default());
+    let _ = crate::parallel::map(
+        packs,
+        crate::parallel::pack_threads(repo.backend()),
+        |pack_id| {
+            let listed = listings.packs.get(&pack_id);
+            let (errs, bad, verified) = verify_pack(repo, &pack_id, listed);
+            let mut r = results.lock().expect("poisoned");
+            if errs.is_empty() && bad.is_empty() && listings.unvouched.contains(&pack_id) {
+                r.to_vouch.extend(listed.cloned());
+            }
+            r.errors.extend(errs);
+            r.bad.extend(bad);
+            r.verified += verified;
+            r.read += 1;
+        },
+    );
+    let r = results.into_inner().expect("poisoned");
+    report.errors.extend(r.errors);
+    for (k, v) in r.bad {
+        bad_blobs.entry(k).or_insert(v);
+    }
+    report.blobs_verified = r.verified;
+    report.packs_read = r.read;
+    if repo.config().version >= 3 && !r.to_vouch.is_empty() {
+        let n = r.to_vouch.len();
+        match crate::backup::save_index(repo, r.to_vouch, None) {
+            Ok(_) => report.packs_vouched = n,
+            Err(e) => report.warnings.push(format!(
+                "could not record that {n} verified pack(s) are vouched for: {e}"
+            )),
+        }
+    }
+}
+
+/// What the pack readers found.
+#[derive(Default)]
+struct ReadResults {
+    errors: Vec<String>,
+    bad: HashMap<Id, String>,
+    verified: usize,
+    read: usize,
+    to_vouch: Vec<IndexPack>,
 }
 
 /// Reads one pack and verifies every blob in it. Returns errors, damaged
@@ -334,6 +500,13 @@ fn verify_pack(
     (errors, bad, verified)
 }
 
+/// Affected paths named per snapshot at most: a damaged tree that many
+/// directories share (or a hostile graph of trees) would otherwise name
+/// exponentially many.
+const MAX_AFFECTED: usize = 10_000;
+
+/// Names the paths of one snapshot that the damage makes unrestorable,
+/// descending only into trees below which there is damage.
 fn trace(
     repo: &Repository,
     index: &Index,
@@ -347,12 +520,21 @@ fn trace(
     // A tree is damaged if it failed to load or if reading its pack found
     // its frame damaged.
     let damaged = |t: &Id| bad_trees.get(t).or_else(|| bad_blobs.get(t));
+    let leads = trees_leading_to_damage(repo, index, root, &damaged, bad_blobs);
+    let mut named = 0usize;
+    let mut push = |out: &mut Vec<Affected>, path: String, reason: &String| {
+        named += 1;
+        if named <= MAX_AFFECTED {
+            out.push(Affected {
+                snapshot: snapshot.clone(),
+                path,
+                reason: reason.clone(),
+            });
+        }
+        named < MAX_AFFECTED
+    };
     if let Some(why) = damaged(root) {
-        out.push(Affected {
-            snapshot,
-            path: "/".into(),
-            reason: why.clone(),
-        });
+        push(out, "/".into(), why);
         return;
     }
     let mut stack: Vec<(Id, String)> = vec![(*root, String::new())];
@@ -362,31 +544,89 @@ fn trace(
         };
         for n in tree.nodes {
             let path = format!("{prefix}/{}", n.name.lossy());
-            match n.kind {
-                NodeKind::Dir => {
-                    if let Some(sub) = n.subtree {
-                        if let Some(why) = damaged(&sub) {
-                            out.push(Affected {
-                                snapshot: snapshot.clone(),
-                                path: format!("{path}/"),
-                                reason: why.clone(),
-                            });
-                        } else {
+            let more = match (n.kind, n.subtree) {
+                (NodeKind::Dir, Some(sub)) => match damaged(&sub) {
+                    Some(why) => push(out, format!("{path}/"), why),
+                    None => {
+                        if leads.get(&sub) == Some(&true) {
                             stack.push((sub, path));
                         }
+                        true
                     }
-                }
-                NodeKind::File => {
-                    if let Some(why) = n.content.iter().find_map(|b| bad_blobs.get(b)) {
-                        out.push(Affected {
-                            snapshot: snapshot.clone(),
-                            path,
-                            reason: why.clone(),
-                        });
-                    }
-                }
-                _ => {}
+                },
+                (NodeKind::File, _) => match n.content.iter().find_map(|b| bad_blobs.get(b)) {
+                    Some(why) => push(out, path, why),
+                    None => true,
+                },
+                _ => true,
+            };
+            if !more {
+                out.push(Affected {
+                    snapshot: snapshot.clone(),
+                    path: "…".into(),
+                    reason: format!(
+                        "more than {MAX_AFFECTED} paths are affected; only the first are named"
+                    ),
+                });
+                return;
             }
         }
     }
+}
+
+/// A tree once read: whether its own files are damaged, and its subtrees.
+type Expanded = (bool, Vec<Id>);
+
+/// For every tree below `root`, whether damage lies below it: each tree
+/// is read once, however many directories share it.
+fn trees_leading_to_damage<'a>(
+    repo: &Repository,
+    index: &Index,
+    root: &Id,
+    damaged: &dyn Fn(&Id) -> Option<&'a String>,
+    bad_blobs: &HashMap<Id, String>,
+) -> HashMap<Id, bool> {
+    let mut memo: HashMap<Id, bool> = HashMap::new();
+    let mut stack: Vec<(Id, Option<Expanded>)> = vec![(*root, None)];
+    let mut open: HashSet<Id> = HashSet::new();
+    while let Some((t, expanded)) = stack.pop() {
+        if memo.contains_key(&t) {
+            continue;
+        }
+        if damaged(&t).is_some() {
+            memo.insert(t, true);
+            continue;
+        }
+        match expanded {
+            Some((files_bad, subs)) => {
+                let below = subs.iter().any(|s| memo.get(s) == Some(&true));
+                memo.insert(t, files_bad || below);
+                open.remove(&t);
+            }
+            None => {
+                let Ok(tree) = repo.load_tree(index, &t) else {
+                    memo.insert(t, true);
+                    continue;
+                };
+                let files_bad = tree.nodes.iter().any(|n| {
+                    n.kind == NodeKind::File && n.content.iter().any(|b| bad_blobs.contains_key(b))
+                });
+                let subs: Vec<Id> = tree
+                    .nodes
+                    .iter()
+                    .filter(|n| n.kind == NodeKind::Dir)
+                    .filter_map(|n| n.subtree)
+                    .collect();
+                open.insert(t);
+                let pending: Vec<Id> = subs
+                    .iter()
+                    .filter(|s| !memo.contains_key(*s) && !open.contains(*s))
+                    .copied()
+                    .collect();
+                stack.push((t, Some((files_bad, subs))));
+                stack.extend(pending.into_iter().map(|s| (s, None)));
+            }
+        }
+    }
+    memo
 }

@@ -402,6 +402,13 @@ impl MasterKey {
         }))
     }
 
+    /// The admin key: signs what a full-key host writes (format 3). It is
+    /// derived from the MAC key, so every passphrase of a repository signs
+    /// with the same key, and no writer credential can.
+    pub fn admin_signing(&self) -> crate::sign::SigningKey {
+        crate::sign::SigningKey::admin(&self.mac_key)
+    }
+
     /// The age identity as an `AGE-SECRET-KEY-1…` string, for the emergency
     /// path (`lifeboat key show-identity`).
     pub fn identity_string(&self) -> String {
@@ -410,11 +417,13 @@ impl MasterKey {
 
     /// The writer credential for this key's repository, or `None` for a
     /// format-1 repository (whose index objects no writer could read).
+    /// `signer` is the host name and signing key it writes as (format 3).
     pub fn writer_key(
         &self,
         repository: &str,
         recipients: &[String],
         config_digest: &str,
+        signer: Option<(String, crate::sign::SigningKey)>,
     ) -> Option<WriterKey> {
         Some(WriterKey {
             repository: repository.to_string(),
@@ -422,6 +431,7 @@ impl MasterKey {
             config_digest: config_digest.to_string(),
             index_identity: self.index_identity.clone()?,
             chunk_key: self.chunk_key.clone(),
+            signer,
         })
     }
 }
@@ -480,7 +490,10 @@ const WRITER_FORMAT: &str = "lifeboat-writer-credential";
 /// redirect a writer's backups to their own key or unlock them), the chunk
 /// key (to name blobs as every host does), and the index identity (to read
 /// index objects and prune plans, which hold blob IDs and pack layout, no
-/// names or content).
+/// names or content). Since format 3 it also names the one host it writes
+/// as and holds that host's signing key, whose public half the repository's
+/// host registry records: its snapshots and index objects are signed, and a
+/// stolen credential can speak for its own host only.
 #[derive(Clone)]
 pub struct WriterKey {
     repository: String,
@@ -488,6 +501,7 @@ pub struct WriterKey {
     config_digest: String,
     index_identity: age::x25519::Identity,
     chunk_key: ChunkKey,
+    signer: Option<(String, crate::sign::SigningKey)>,
 }
 
 impl std::fmt::Debug for WriterKey {
@@ -508,7 +522,14 @@ struct WriterFile {
     index_identity: String,
     chunk_key: String,
     created: String,
+    /// The host that made the file (not the one it writes as).
     host: String,
+    /// The host name its snapshots carry (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    writes_as: Option<String>,
+    /// That host's Ed25519 signing seed, hex (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    signing_key: Option<String>,
 }
 
 impl WriterKey {
@@ -537,6 +558,12 @@ impl WriterKey {
         &self.chunk_key
     }
 
+    /// The host this credential writes as and its signing key (none in a
+    /// credential for a format-2 repository).
+    pub fn signer(&self) -> Option<(&str, &crate::sign::SigningKey)> {
+        self.signer.as_ref().map(|(h, k)| (h.as_str(), k))
+    }
+
     /// Decrypts an index object or prune plan. Anything else (packs,
     /// snapshots, key files) is not encrypted to the index identity and
     /// fails with [`Error::NeedsFullKey`].
@@ -552,7 +579,7 @@ impl WriterKey {
     pub fn to_file(&self) -> Vec<u8> {
         let file = WriterFile {
             format: WRITER_FORMAT.to_string(),
-            version: 1,
+            version: if self.signer.is_some() { 2 } else { 1 },
             repository: self.repository.clone(),
             recipients: self.recipients.clone(),
             config_digest: self.config_digest.clone(),
@@ -560,6 +587,8 @@ impl WriterKey {
             chunk_key: hex::encode(self.chunk_key.0),
             created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             host: crate::fsmeta::hostname(),
+            writes_as: self.signer.as_ref().map(|(h, _)| h.clone()),
+            signing_key: self.signer.as_ref().map(|(_, k)| hex::encode(k.seed())),
         };
         let mut out = serde_json::to_vec_pretty(&file).expect("serialising a struct");
         out.push(b'\n');
@@ -579,13 +608,28 @@ impl WriterKey {
             return Err(bad("no \"format\": \"lifeboat-writer-credential\"".into()));
         }
         let file: WriterFile = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
-        if file.version != 1 {
+        if file.version > 2 || file.version == 0 {
             return Err(bad(format!(
                 "version {} is newer than this lifeboat understands; upgrade lifeboat",
                 file.version
             )));
         }
         Recipients::parse(&file.recipients).map_err(|e| bad(e.to_string()))?;
+        let signer = match (file.version, file.writes_as, file.signing_key) {
+            (1, None, None) => None,
+            (2, Some(host), Some(seed)) => {
+                crate::provenance::check_host_name(&host).map_err(bad)?;
+                let mut bytes = [0u8; 32];
+                hex::decode_to_slice(&seed, &mut bytes)
+                    .map_err(|_| bad("bad signing key".into()))?;
+                Some((host, crate::sign::SigningKey::from_seed(bytes)))
+            }
+            _ => {
+                return Err(bad(
+                    "its host and signing key do not match its version".into()
+                ))
+            }
+        };
         Ok(WriterKey {
             repository: file.repository,
             recipients: file.recipients,
@@ -594,6 +638,7 @@ impl WriterKey {
                 .map_err(|_| bad("bad index identity".into()))?,
             chunk_key: ChunkKey::from_hex(&file.chunk_key)
                 .ok_or_else(|| bad("bad chunk key".into()))?,
+            signer,
         })
     }
 }

@@ -15,6 +15,7 @@ use crate::backend::{Backend, BackendError, LocalBackend, ObjectInfo, PutOutcome
 use crate::backup::{backup, BackupOptions, Progress};
 use crate::check::{check, CheckOptions};
 use crate::index::{IndexFile, IndexPack};
+use crate::object::ObjectKind;
 use crate::pack::{BlobEncoder, BlobKind, PackBuilder};
 use crate::prune::{prune, PruneOptions};
 use crate::repo::{pack_key, InitOptions, Repository};
@@ -30,10 +31,31 @@ fn opts() -> InitOptions {
     }
 }
 
-/// Restores `tree` into `target` with default options.
+/// A snapshot of the hand-made tree `tree`, declaring room for a few
+/// thousand entries.
+fn snapshot_of(tree: Id) -> Snapshot {
+    Snapshot {
+        version: 1,
+        time: chrono::Utc::now(),
+        host: "test".into(),
+        user: "test".into(),
+        paths: vec!["/".into()],
+        tags: vec![],
+        tree,
+        incomplete: false,
+        summary: crate::Summary {
+            dirs: 1000,
+            ..Default::default()
+        },
+        program: "test".into(),
+        locked_until: None,
+    }
+}
+
+/// Restores `snap` into `target` with default options.
 fn restore_to(
     repo: &Repository,
-    tree: &Id,
+    tree: &Snapshot,
     target: &Path,
     overwrite: bool,
 ) -> crate::Result<crate::restore::RestoreReport> {
@@ -164,7 +186,7 @@ fn prune_executing() -> PruneOptions {
 
 /// `check --read-data` finds nothing wrong, and each snapshot tree restores
 /// (verified) equal to its source.
-fn check_clean_and_restores_equal(repo: &Repository, restores: &[(&Id, &Path)]) {
+fn check_clean_and_restores_equal(repo: &Repository, restores: &[(&Snapshot, &Path)]) {
     let c = check(
         repo,
         &CheckOptions {
@@ -207,7 +229,7 @@ fn backup_then_restore_round_trips_a_tree_and_check_is_clean() {
     let out = tmp.path().join("out");
     let r = restore(
         &repo,
-        &report.snapshot.tree,
+        &report.snapshot,
         &RestoreOptions {
             target: out.clone(),
             verify: true,
@@ -396,7 +418,7 @@ fn directories_finished_out_of_walk_order_give_the_same_trees_and_restore_equal(
     assert_eq!(src_tree(&first.snapshot), src_tree(&second.snapshot));
     assert_eq!(first.snapshot.summary.files_new, 120);
     let out = tempfile::tempdir().unwrap();
-    let r = restore_to(&repo, &second.snapshot.tree, out.path(), false).unwrap();
+    let r = restore_to(&repo, &second.snapshot, out.path(), false).unwrap();
     assert!(r.failures.is_empty(), "{r:?}");
     same_files(&src, &restored_root(out.path(), &src));
 }
@@ -421,7 +443,7 @@ fn a_tree_deeper_than_the_directories_the_walk_keeps_open_backs_up_whole() {
         crate::backup::MAX_OPEN_LEVELS as u64 + 20
     );
     let out = tempfile::tempdir().unwrap();
-    let r = restore_to(&repo, &first.snapshot.tree, out.path(), false).unwrap();
+    let r = restore_to(&repo, &first.snapshot, out.path(), false).unwrap();
     assert!(r.failures.is_empty(), "{r:?}");
     same_files(&src, &restored_root(out.path(), &src));
 }
@@ -483,7 +505,7 @@ fn entries_whose_restored_path_is_too_long_fail_alone_and_the_rest_is_restored()
     expected.sort();
     let fits_files = levels.len() as u64 - 2;
     for run in ["first", "second"] {
-        let r = restore_to(&repo, &snap.tree, &target, false).unwrap();
+        let r = restore_to(&repo, &snap, &target, false).unwrap();
         let mut failed: Vec<&str> = r.failures.iter().map(|f| f.path.as_str()).collect();
         failed.sort();
         assert_eq!(failed, expected, "{run} run: {r:?}");
@@ -592,10 +614,7 @@ fn forget_then_prune_frees_space_and_keeps_what_remaining_snapshots_need() {
     // (its data lives in new packs).
     let done = prune(&repo, &prune_executing()).unwrap();
     assert!(done.packs_deleted > 0, "{done:?}");
-    check_clean_and_restores_equal(
-        &repo,
-        &[(&rb.snapshot.tree, &b), (&again.snapshot.tree, &a)],
-    );
+    check_clean_and_restores_equal(&repo, &[(&rb.snapshot, &b), (&again.snapshot, &a)]);
 }
 
 #[test]
@@ -604,11 +623,11 @@ fn a_cached_index_never_lets_a_backup_reuse_condemned_or_pruned_data() {
     let (a, b, repo) = two_trees_and_a_repo(tmp.path(), (5, 6));
     let cache_tmp = tempfile::tempdir().unwrap();
     let cache = cache_tmp.path().join("cache");
-    let key = repo.ids().derive(crate::index_cache::MAC_PURPOSE);
+    let key = repo.index_cache_key();
     let cached =
         || crate::index_cache::open(&cache, &repo.config().id, &key).expect("a cache file");
     let listed = || {
-        let mut ids = repo.list_ids("index").unwrap();
+        let mut ids = repo.list_ids(ObjectKind::Index).unwrap();
         ids.sort();
         ids
     };
@@ -643,7 +662,7 @@ fn a_cached_index_never_lets_a_backup_reuse_condemned_or_pruned_data() {
     assert!(prune(&repo, &prune_executing()).unwrap().packs_deleted > 0);
     // Executed plans are kept for a while and would set a's packs aside on
     // their own; once they are gone, only the cache's check stands.
-    for plan in repo.list_ids("pending").unwrap() {
+    for plan in repo.list_ids(ObjectKind::Plan).unwrap() {
         repo.backend().delete(&format!("pending/{plan}")).unwrap();
     }
     let stale = cached();
@@ -661,7 +680,7 @@ fn a_cached_index_never_lets_a_backup_reuse_condemned_or_pruned_data() {
         after.snapshot.summary
     );
     assert_eq!(cached().covers(), before_after);
-    check_clean_and_restores_equal(&repo, &[(&after.snapshot.tree, &a)]);
+    check_clean_and_restores_equal(&repo, &[(&after.snapshot, &a)]);
 }
 
 #[test]
@@ -675,7 +694,7 @@ fn a_restore_maps_a_valid_index_cache_never_writes_one_and_survives_a_damaged_on
     let rb = backup_dir(&repo, &b, Some(&cache)).unwrap();
     let file = crate::index_cache::path(&cache, &repo.config().id);
     assert!(file.exists(), "the second backup writes the cache file");
-    let restore_with = |tree: &Id, src: &Path, dir: &Path| {
+    let restore_with = |tree: &Snapshot, src: &Path, dir: &Path| {
         let out = tempfile::tempdir().unwrap();
         let r = restore(
             &repo,
@@ -694,11 +713,11 @@ fn a_restore_maps_a_valid_index_cache_never_writes_one_and_survives_a_damaged_on
     // A machine without a cache (a disaster recovery) restores from the
     // index objects and is left without a file to clean up.
     let empty = tmp.path().join("no-cache-yet");
-    restore_with(&ra.snapshot.tree, &a, &empty);
+    restore_with(&ra.snapshot, &a, &empty);
     assert!(!empty.exists(), "a restore wrote into the cache directory");
 
     // With the file, the index is mapped, with b's object loaded on top.
-    let index = repo.load_index_reusing_cache(&cache).unwrap();
+    let index = repo.load_index_reusing_cache(&cache, None).unwrap();
     assert!(
         matches!(
             index.runs()[0].records,
@@ -708,15 +727,15 @@ fn a_restore_maps_a_valid_index_cache_never_writes_one_and_survives_a_damaged_on
     );
     assert_eq!(index.len(), repo.load_index().unwrap().len());
     drop(index);
-    restore_with(&ra.snapshot.tree, &a, &cache);
-    restore_with(&rb.snapshot.tree, &b, &cache);
+    restore_with(&ra.snapshot, &a, &cache);
+    restore_with(&rb.snapshot, &b, &cache);
 
     // A damaged file is set aside, and the restore still completes.
     let mut bytes = std::fs::read(&file).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     std::fs::write(&file, &bytes).unwrap();
-    restore_with(&rb.snapshot.tree, &b, &cache);
+    restore_with(&rb.snapshot, &b, &cache);
     assert!(!file.exists(), "the damaged cache file is removed");
 }
 
@@ -739,7 +758,7 @@ fn a_backup_refuses_to_commit_when_a_newer_plan_condemns_a_pack_it_used() {
         host: "h".into(),
         packs: vec![pack],
     };
-    repo.save_json("pending", &plan).unwrap();
+    repo.save(ObjectKind::Plan, &plan).unwrap();
     let err = crate::prune::check_no_new_condemnation(&repo, &seen, &used).unwrap_err();
     assert!(err.to_string().contains("run the backup again"), "{err}");
 }
@@ -759,7 +778,7 @@ fn a_corrupted_pack_is_found_by_check_and_only_its_files_fail_to_restore() {
     let index = repo.load_index().unwrap();
     // Damage the pack holding a.txt's only blob.
     let mut a_txt = None;
-    crate::walk::walk(&repo, &index, &report.snapshot.tree, &mut |p, n| {
+    crate::walk::walk(&repo, &index, &report.snapshot, &mut |p, n| {
         if p.ends_with(b"/a.txt") {
             a_txt = Some(n.content[0]);
         }
@@ -794,7 +813,7 @@ fn a_corrupted_pack_is_found_by_check_and_only_its_files_fail_to_restore() {
     let out = tmp.path().join("out");
     let r = restore(
         &repo,
-        &report.snapshot.tree,
+        &report.snapshot,
         &RestoreOptions {
             target: out.clone(),
             ..Default::default()
@@ -835,11 +854,11 @@ fn an_interrupted_restore_is_finished_by_a_second_run_and_differing_files_are_le
         target: out.clone(),
         ..Default::default()
     };
-    restore(&repo, &report.snapshot.tree, &o).unwrap();
+    restore(&repo, &report.snapshot, &o).unwrap();
     let root = restored_root(&out, &src);
     std::fs::remove_file(root.join("sub/big.bin")).unwrap();
     std::fs::write(root.join("a.txt"), b"local edit").unwrap();
-    let second = restore(&repo, &report.snapshot.tree, &o).unwrap();
+    let second = restore(&repo, &report.snapshot, &o).unwrap();
     assert_eq!(
         second.files_restored, 1,
         "only the missing file is rewritten: {second:?}"
@@ -853,7 +872,7 @@ fn an_interrupted_restore_is_finished_by_a_second_run_and_differing_files_are_le
     );
     let third = restore(
         &repo,
-        &report.snapshot.tree,
+        &report.snapshot,
         &RestoreOptions {
             overwrite: true,
             ..o
@@ -893,18 +912,15 @@ fn store_tree_pack(repo: &Repository, pb: PackBuilder) {
     let ct = repo.recipients().encrypt(&plain);
     let pack_id = Id::of_bytes(&ct);
     repo.backend().put(&pack_key(&pack_id), &ct).unwrap();
-    repo.save_json(
-        "index",
-        &IndexFile {
-            version: 1,
-            packs: vec![IndexPack {
-                locked_until: None,
-                id: pack_id,
-                kind: BlobKind::Tree,
-                size: ct.len() as u64,
-                blobs: header.blobs,
-            }],
-        },
+    repo.save(
+        ObjectKind::Index,
+        &IndexFile::of(vec![IndexPack {
+            locked_until: None,
+            id: pack_id,
+            kind: BlobKind::Tree,
+            size: ct.len() as u64,
+            blobs: header.blobs,
+        }]),
     )
     .unwrap();
 }
@@ -939,7 +955,7 @@ fn a_hostile_tree_that_names_itself_as_its_subtree_ends_in_an_error_not_a_loop()
     store_tree_pack(&repo, pb);
     let started = std::time::Instant::now();
     let target = tmp.path().join("target");
-    match restore_to(&repo, &cyclic, &target, false) {
+    match restore_to(&repo, &snapshot_of(cyclic), &target, false) {
         Ok(r) => assert!(!r.failures.is_empty(), "{r:?}"),
         Err(e) => assert!(e.to_string().contains("does not match"), "{e}"),
     }
@@ -967,7 +983,7 @@ fn a_hostile_snapshot_cannot_write_outside_the_target() {
             &[serde_json::json!({"nodes": [node(bad_name, "file", serde_json::json!({}))]})],
         );
         // The unreadable listing is reported as a failure; nothing is written.
-        let r = restore_to(&repo, &root, &target, false).unwrap();
+        let r = restore_to(&repo, &snapshot_of(root), &target, false).unwrap();
         assert!(
             r.failures
                 .iter()
@@ -987,7 +1003,7 @@ fn a_hostile_snapshot_cannot_write_outside_the_target() {
             serde_json::json!({"nodes": [node("x", "file", serde_json::json!({}))]}),
         ],
     );
-    let r = restore_to(&repo, &dup, &target, false).unwrap();
+    let r = restore_to(&repo, &snapshot_of(dup), &target, false).unwrap();
     assert!(
         r.failures
             .iter()
@@ -1006,7 +1022,7 @@ fn a_hostile_snapshot_cannot_write_outside_the_target() {
             serde_json::json!({"nodes": [node("a", "symlink", serde_json::json!({"target": outside.to_str().unwrap()}))]}),
         ],
     );
-    restore_to(&repo, &link, &target, false).unwrap();
+    restore_to(&repo, &snapshot_of(link), &target, false).unwrap();
     let through = forge_snapshot(
         &repo,
         &[
@@ -1014,9 +1030,9 @@ fn a_hostile_snapshot_cannot_write_outside_the_target() {
             serde_json::json!({"nodes": [node("x", "file", serde_json::json!({}))]}),
         ],
     );
-    let r = restore_to(&repo, &through, &target, false).unwrap();
+    let r = restore_to(&repo, &snapshot_of(through), &target, false).unwrap();
     assert_eq!(r.conflicts.len(), 1, "{r:?}");
-    let r = restore_to(&repo, &through, &target, true).unwrap();
+    let r = restore_to(&repo, &snapshot_of(through), &target, true).unwrap();
     assert!(r.conflicts.is_empty() && r.failures.is_empty(), "{r:?}");
     assert!(
         std::fs::symlink_metadata(target.join("a"))
@@ -1046,20 +1062,20 @@ fn snapshots_name_latest_and_unique_prefixes() {
     let first = backup_dir(&repo, &src, None).unwrap();
     std::fs::write(src.join("f"), b"x").unwrap();
     let second = backup_dir(&repo, &src, None).unwrap();
-    let latest: (Id, Snapshot) = repo.find_snapshot("latest").unwrap();
+    let latest: (Id, Snapshot) = repo.find_snapshot("latest", &Default::default()).unwrap();
     assert_eq!(latest.0, second.snapshot_id);
     assert_eq!(
-        repo.find_snapshot(&first.snapshot_id.to_hex()[..8])
+        repo.find_snapshot(&first.snapshot_id.to_hex()[..8], &Default::default())
             .unwrap()
             .0,
         first.snapshot_id
     );
     assert!(matches!(
-        repo.find_snapshot("zz"),
+        repo.find_snapshot("zz", &Default::default()),
         Err(crate::Error::SnapshotNotFound(_))
     ));
     assert!(matches!(
-        repo.find_snapshot(""),
+        repo.find_snapshot("", &Default::default()),
         Err(crate::Error::AmbiguousSnapshot(_)) | Err(crate::Error::SnapshotNotFound(_))
     ));
 }
@@ -1080,7 +1096,7 @@ fn a_file_holding_an_empty_trees_json_does_not_collide_with_the_tree() {
     let out = tmp.path().join("out");
     let r = restore(
         &repo,
-        &report.snapshot.tree,
+        &report.snapshot,
         &RestoreOptions {
             target: out.clone(),
             verify: true,
@@ -1119,12 +1135,12 @@ fn overwrite_replaces_a_file_whose_bytes_changed_behind_an_unchanged_size_and_mt
         target: out.clone(),
         ..Default::default()
     };
-    restore(&repo, &report.snapshot.tree, &o).unwrap();
+    restore(&repo, &report.snapshot, &o).unwrap();
     let f = restored_root(&out, &src).join("f");
     let m = std::fs::metadata(&f).unwrap();
     std::fs::write(&f, b"tampered").unwrap();
     crate::fsmeta::set_mtime(&f, m.mtime(), m.mtime_nsec() as u32).unwrap();
-    let again = restore(&repo, &report.snapshot.tree, &o).unwrap();
+    let again = restore(&repo, &report.snapshot, &o).unwrap();
     assert_eq!(
         again.conflicts.len(),
         1,
@@ -1132,7 +1148,7 @@ fn overwrite_replaces_a_file_whose_bytes_changed_behind_an_unchanged_size_and_mt
     );
     restore(
         &repo,
-        &report.snapshot.tree,
+        &report.snapshot,
         &RestoreOptions {
             overwrite: true,
             ..o
@@ -1162,14 +1178,14 @@ fn a_hostile_device_node_cannot_chmod_through_an_earlier_symlink() {
             serde_json::json!({"nodes": [node("x", "symlink", serde_json::json!({"target": victim.to_str().unwrap()}))]}),
         ],
     );
-    restore_to(&repo, &link, &target, false).unwrap();
+    restore_to(&repo, &snapshot_of(link), &target, false).unwrap();
     let dev = forge_snapshot(
         &repo,
         &[
             serde_json::json!({"nodes": [node("x", "chardev", serde_json::json!({"rdev": 0, "mode": 0o666}))]}),
         ],
     );
-    let _ = restore_to(&repo, &dev, &target, false).unwrap();
+    let _ = restore_to(&repo, &snapshot_of(dev), &target, false).unwrap();
     let mode = std::fs::metadata(&victim).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the file behind the symlink kept its mode");
 }
@@ -1194,7 +1210,7 @@ fn a_file_whose_blob_is_not_indexed_fails_alone_and_the_restore_finishes() {
         ]})],
     );
     let target = tmp.path().join("target");
-    let r = restore_to(&repo, &root, &target, false).unwrap();
+    let r = restore_to(&repo, &snapshot_of(root), &target, false).unwrap();
     assert_eq!(r.failures.len(), 1, "{r:?}");
     assert!(
         r.failures[0].reason.contains("missing from the index"),
@@ -1262,11 +1278,11 @@ fn a_backup_through_a_store_failing_one_request_in_ten_completes_and_restores_eq
     .unwrap();
     let second = backup_dir(&repo, &src, None).unwrap();
     let out = tmp.path().join("out");
-    let r = restore_to(&repo, &second.snapshot.tree, &out, false).unwrap();
+    let r = restore_to(&repo, &second.snapshot, &out, false).unwrap();
     assert!(r.failures.is_empty() && r.conflicts.is_empty(), "{r:?}");
     same_files(&src, &restored_root(&out, &src));
     let out1 = tmp.path().join("out1");
-    let r = restore_to(&repo, &first.snapshot.tree, &out1, false).unwrap();
+    let r = restore_to(&repo, &first.snapshot, &out1, false).unwrap();
     assert!(r.failures.is_empty(), "{r:?}");
     let c = check(
         &repo,
@@ -1331,7 +1347,7 @@ fn a_backup_gives_up_in_bounded_time_when_the_store_goes_down_and_the_repository
     assert!(c.errors.is_empty(), "{:?}", c.errors);
     assert_eq!(repo.snapshots().unwrap().len(), 1, "no half snapshot");
     let out = tmp.path().join("out");
-    let r = restore_to(&repo, &kept.snapshot.tree, &out, false).unwrap();
+    let r = restore_to(&repo, &kept.snapshot, &out, false).unwrap();
     assert!(r.failures.is_empty(), "{r:?}");
     same_files(&before, &restored_root(&out, &before));
 }

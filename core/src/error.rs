@@ -45,6 +45,15 @@ pub enum Error {
         /// What is wrong with it.
         detail: String,
     },
+    /// An object is readable but not believed: unsigned, badly signed, or
+    /// signed by a host other than the one it speaks for (format 3).
+    #[error("{object} is not trusted: {reason}; it is skipped (run `lifeboat check` to list every such object)")]
+    Untrusted {
+        /// The object's key, e.g. `snapshots/3fa2…`.
+        object: String,
+        /// Why it is not believed.
+        reason: String,
+    },
     /// An object the repository refers to does not exist.
     #[error(
         "{object} is missing from the repository; run `lifeboat check` to see what it affects"

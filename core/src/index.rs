@@ -42,6 +42,51 @@ pub struct IndexFile {
     pub version: u32,
     /// Packs covered.
     pub packs: Vec<IndexPack>,
+    /// In an object a full-key host signed: the host whose own (signed)
+    /// listings it relays unchanged, when it vouches for them no further
+    /// than that host did (prune's consolidation). Absent: the signer
+    /// vouches for them itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+}
+
+impl IndexFile {
+    /// An index object of `packs`, in the signer's own name.
+    pub fn of(packs: Vec<IndexPack>) -> IndexFile {
+        IndexFile {
+            version: 1,
+            packs,
+            origin: None,
+        }
+    }
+
+    /// Index objects of `packs` relaying `origin`'s listings (or in the
+    /// signer's own name), each of at most
+    /// [`MAX_BLOBS_PER_INDEX`](crate::object::MAX_BLOBS_PER_INDEX) blobs so
+    /// that every reader's size limit holds.
+    pub fn split(packs: Vec<IndexPack>, origin: Option<&str>) -> Vec<IndexFile> {
+        let mut out = Vec::new();
+        let mut current = Vec::new();
+        let mut blobs = 0;
+        for p in packs {
+            if !current.is_empty() && blobs + p.blobs.len() > crate::object::MAX_BLOBS_PER_INDEX {
+                out.push(std::mem::take(&mut current));
+                blobs = 0;
+            }
+            blobs += p.blobs.len();
+            current.push(p);
+        }
+        if !current.is_empty() {
+            out.push(current);
+        }
+        out.into_iter()
+            .map(|packs| IndexFile {
+                version: 1,
+                packs,
+                origin: origin.map(str::to_string),
+            })
+            .collect()
+    }
 }
 
 /// A blob's location.
@@ -75,7 +120,8 @@ pub struct PackInfo {
 /// is sorted.)
 #[derive(Debug, Default)]
 pub struct IndexBuilder {
-    entries: Vec<(Id, BlobLocation)>,
+    /// Records by tier (lookups try tier 0 first; see `add_object`).
+    tiers: [Vec<(Id, BlobLocation)>; TIERS],
     /// The packs of the base index, then the packs added here.
     packs: Vec<PackInfo>,
     /// Positions of the packs added here (base packs are found in
@@ -85,7 +131,12 @@ pub struct IndexBuilder {
     base: Option<Index>,
     /// The index objects added by ID.
     covers: Vec<Id>,
+    /// The index objects read and left out (not for this index's use).
+    excluded: Vec<Id>,
 }
+
+/// How many trust tiers an index keeps apart (see [`IndexBuilder::add_object`]).
+pub const TIERS: usize = 3;
 
 impl IndexBuilder {
     /// An empty builder.
@@ -95,36 +146,50 @@ impl IndexBuilder {
 
     /// A builder whose index adds to `base` (a cached index): base blobs
     /// keep their records, base packs their positions, and a listing of a
-    /// base pack (a lock extension) updates that pack's retention.
-    pub fn over(mut base: Index) -> IndexBuilder {
+    /// base pack (a lock extension) updates that pack's retention. With
+    /// `same_use`, the objects the base left out stay out; otherwise (a
+    /// reader on a backup's cache) they are read again.
+    pub fn over(mut base: Index, same_use: bool) -> IndexBuilder {
+        if !same_use {
+            base.excluded.clear();
+        }
         IndexBuilder {
             packs: std::mem::take(&mut base.packs),
             covers: base.covers.clone(),
+            excluded: base.excluded.clone(),
             base: Some(base),
             ..IndexBuilder::default()
         }
     }
 
-    /// Adds every pack of an index object.
+    /// Adds every pack of an index object, in tier 0.
     pub fn add_file(&mut self, file: &IndexFile) {
         for pack in &file.packs {
-            self.add_pack(pack);
+            self.add_pack(pack, 0);
         }
     }
 
-    /// Adds every pack of the index object `id`, and records that the index
-    /// covers that object (what the index cache is keyed on).
-    pub fn add_object(&mut self, id: Id, file: &IndexFile) {
-        self.add_file(file);
+    /// Adds every pack of the index object `id` in `tier` (below
+    /// [`TIERS`]: lookups find tier-0 records first), and records that the index covers that
+    /// object (what the index cache is keyed on).
+    pub fn add_object(&mut self, id: Id, file: &IndexFile, tier: u8) {
+        for pack in &file.packs {
+            self.add_pack(pack, tier);
+        }
         self.covers.push(id);
     }
 
+    /// Records that the index object `id` was read and left out.
+    pub fn exclude(&mut self, id: Id) {
+        self.excluded.push(id);
+    }
+
     /// True when the index object `id` is in the base this builder adds
-    /// to (so loading it again is not needed).
-    pub fn covers(&self, id: &Id) -> bool {
-        self.base
-            .as_ref()
-            .is_some_and(|b| b.covers.binary_search(id).is_ok())
+    /// to, or was left out by it (so loading it again is not needed).
+    pub fn accounts_for(&self, id: &Id) -> bool {
+        self.base.as_ref().is_some_and(|b| {
+            b.covers.binary_search(id).is_ok() || b.excluded.binary_search(id).is_ok()
+        })
     }
 
     fn position_of(&self, pack: &Id) -> Option<u32> {
@@ -138,8 +203,8 @@ impl IndexBuilder {
             .map(|i| by_id[i])
     }
 
-    /// Adds one pack.
-    pub fn add_pack(&mut self, pack: &IndexPack) {
+    /// Adds one pack's listing in `tier`.
+    pub fn add_pack(&mut self, pack: &IndexPack, tier: u8) {
         let pos = match self.position_of(&pack.id) {
             Some(pos) => {
                 // The same pack in several index objects (a lock extension,
@@ -163,7 +228,8 @@ impl IndexBuilder {
                 pos
             }
         };
-        self.entries.extend(pack.blobs.iter().map(|e| {
+        let entries = &mut self.tiers[(tier as usize).min(TIERS - 1)];
+        entries.extend(pack.blobs.iter().map(|e| {
             (
                 e.id,
                 BlobLocation {
@@ -180,28 +246,51 @@ impl IndexBuilder {
     /// every location (duplicates arise from concurrent backups and
     /// repacking; either copy is valid, and dropping one would make the
     /// other invisible once its pack is set aside by `without_packs`).
-    pub fn build(mut self) -> Index {
-        self.entries.sort_unstable_by_key(record_key);
-        self.entries.dedup();
-        self.entries.shrink_to_fit();
-        let mut counts = BucketCounts::new();
-        for (id, _) in &self.entries {
-            counts.add(id);
-        }
-        let buckets = counts.table();
+    pub fn build(self) -> Index {
         let mut runs = Vec::new();
         if let Some(base) = self.base {
             runs = base.runs;
         }
-        if !self.entries.is_empty() || runs.is_empty() {
-            runs.push(Run {
-                records: Records::Owned(self.entries),
-                buckets,
-            });
+        for (tier, entries) in self.tiers.into_iter().enumerate() {
+            if !entries.is_empty() || (tier == 0 && runs.is_empty()) {
+                runs.push(Run::sorted(entries));
+            }
         }
-        self.covers.sort_unstable();
-        self.covers.dedup();
-        Index::assemble(runs, self.packs, self.covers)
+        let mut covers = self.covers;
+        covers.sort_unstable();
+        covers.dedup();
+        let mut excluded = self.excluded;
+        excluded.sort_unstable();
+        excluded.dedup();
+        let mut index = Index::assemble(runs, self.packs, covers);
+        index.excluded = excluded;
+        index
+    }
+}
+
+/// Adds one index object's listing of a pack. A pack listed by several
+/// index objects keeps the union of their blobs (a forged listing with
+/// fewer blobs must not make live blobs look unused) and the latest lock.
+pub(crate) fn merge_listing(packs: &mut HashMap<Id, IndexPack>, listing: IndexPack) {
+    match packs.entry(listing.id) {
+        std::collections::hash_map::Entry::Vacant(v) => {
+            v.insert(listing);
+        }
+        std::collections::hash_map::Entry::Occupied(mut o) => {
+            let known = o.get_mut();
+            known.locked_until = known.locked_until.max(listing.locked_until);
+            if known.blobs != listing.blobs {
+                let seen: std::collections::HashSet<(Id, u32)> =
+                    known.blobs.iter().map(|b| (b.id, b.offset)).collect();
+                known.blobs.extend(
+                    listing
+                        .blobs
+                        .into_iter()
+                        .filter(|b| !seen.contains(&(b.id, b.offset))),
+                );
+                known.blobs.sort_by_key(|b| b.offset);
+            }
+        }
     }
 }
 
@@ -279,6 +368,21 @@ pub(crate) struct Run {
 }
 
 impl Run {
+    /// A run of `entries`, sorted, repeats dropped.
+    fn sorted(mut entries: Vec<(Id, BlobLocation)>) -> Run {
+        entries.sort_unstable_by_key(record_key);
+        entries.dedup();
+        entries.shrink_to_fit();
+        let mut counts = BucketCounts::new();
+        for (id, _) in &entries {
+            counts.add(id);
+        }
+        Run {
+            buckets: counts.table(),
+            records: Records::Owned(entries),
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         match &self.records {
             Records::Owned(v) => v.len(),
@@ -370,6 +474,8 @@ pub struct Index {
     set_aside: Vec<bool>,
     /// The index objects this index was built from, sorted.
     covers: Vec<Id>,
+    /// The index objects read and left out for this index's use, sorted.
+    excluded: Vec<Id>,
 }
 
 impl Default for Index {
@@ -399,6 +505,7 @@ impl Index {
             packs,
             by_id,
             covers,
+            excluded: Vec::new(),
         }
     }
 
@@ -411,6 +518,17 @@ impl Index {
     /// [`IndexBuilder::add_object`]), sorted.
     pub fn covers(&self) -> &[Id] {
         &self.covers
+    }
+
+    /// The index objects read and left out (not for this index's use:
+    /// another host's listings in a backup's index), sorted.
+    pub fn excluded(&self) -> &[Id] {
+        &self.excluded
+    }
+
+    /// Sets the objects left out (from the index cache file).
+    pub(crate) fn set_excluded(&mut self, excluded: Vec<Id>) {
+        self.excluded = excluded;
     }
 
     /// Every record, run by run (each run in ID order).
@@ -458,6 +576,25 @@ impl Index {
     pub fn get(&self, id: &Id) -> Option<(&PackInfo, BlobLocation)> {
         self.runs.iter().find_map(|run| {
             run.find(id).find_map(|i| {
+                let l = run.record(i).1;
+                let pos = l.pack as usize;
+                match (self.set_aside.get(pos), self.packs.get(pos)) {
+                    (Some(false), Some(info)) => Some((info, l)),
+                    _ => None,
+                }
+            })
+        })
+    }
+
+    /// Every location of a blob (in packs not set aside), run by run: the
+    /// better-trusted tier first. A reader tries them in turn until one
+    /// verifies.
+    pub fn locations<'a>(
+        &'a self,
+        id: &'a Id,
+    ) -> impl Iterator<Item = (&'a PackInfo, BlobLocation)> + 'a {
+        self.runs.iter().flat_map(move |run| {
+            run.find(id).filter_map(move |i| {
                 let l = run.record(i).1;
                 let pos = l.pack as usize;
                 match (self.set_aside.get(pos), self.packs.get(pos)) {
@@ -544,7 +681,7 @@ mod tests {
         for order in [[&forged, &full, &extension], [&extension, &forged, &full]] {
             let mut b = IndexBuilder::new();
             for p in order {
-                b.add_pack(p);
+                b.add_pack(p, 0);
             }
             let index = b.build();
             assert_eq!(index.len(), 2, "every blob once");
@@ -578,10 +715,7 @@ mod tests {
             size: 1,
             blobs: vec![entry(2, 0), entry(3, 10)],
         };
-        b.add_file(&IndexFile {
-            version: 1,
-            packs: vec![p1, p2],
-        });
+        b.add_file(&IndexFile::of(vec![p1, p2]));
         let idx = b.build();
         assert_eq!(idx.len(), 4, "both copies of blob 2 are kept");
         for seed in [1u8, 2, 3] {
@@ -605,16 +739,13 @@ mod tests {
     proptest! {
         #[test]
         fn index_files_round_trip_through_json(n in 0usize..50) {
-            let file = IndexFile {
-                version: 1,
-                packs: vec![IndexPack {
+            let file = IndexFile::of(vec![IndexPack {
                     locked_until: None,
                     id: Id::of_bytes(b"p"),
                     kind: BlobKind::Tree,
                     size: 99,
                     blobs: (0..n).map(|i| entry(i as u8, i as u32 * 10)).collect(),
-                }],
-            };
+                }]);
             let json = serde_json::to_vec(&file).unwrap();
             prop_assert_eq!(serde_json::from_slice::<IndexFile>(&json).unwrap(), file);
         }

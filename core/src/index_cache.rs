@@ -6,8 +6,9 @@
 //!
 //! | part | size |
 //! |---|---|
-//! | magic `LBIDX001`, then the number of covered index objects, packs and records (u64 each) | 32 |
+//! | magic `LBIDX002`, then the number of covered index objects, of left-out ones, of packs and of records (u64 each) | 40 |
 //! | the IDs of the index objects it was built from, sorted | 32 each |
+//! | the IDs of the index objects read and left out (listings this host may not dedup against), sorted | 32 each |
 //! | packs: ID, stored size (u64), lock end (i64 seconds, u32 nanoseconds, u8 set), kind (u8), 2 zero bytes | 56 each |
 //! | records: blob ID, pack position, offset, frame length, plaintext length (u32 each), sorted and unique | 48 each |
 //! | bucket table: first record of each 16-bit ID prefix, and the record count | 4 × 65,537 |
@@ -41,8 +42,8 @@ use crate::index::{
 };
 use crate::pack::BlobKind;
 
-const MAGIC: &[u8; 8] = b"LBIDX001";
-const HEADER: usize = 32;
+const MAGIC: &[u8; 8] = b"LBIDX002";
+const HEADER: usize = 40;
 const PACK: usize = 56;
 const TRAILER: usize = 32;
 const BUCKET_TABLE: usize = 4 * (BUCKETS + 1);
@@ -158,22 +159,17 @@ fn verify(file: &File, repo_id: &str, key: &[u8; 32]) -> std::result::Result<Ind
     if &magic != MAGIC {
         return bad("not an index cache file of this version");
     }
-    let (n_covers, n_packs, n_records) = (r.u64()?, r.u64()?, r.u64()?);
-    let records_at = (n_covers as u128 * 32 + n_packs as u128 * PACK as u128) + HEADER as u128;
+    let (n_covers, n_excluded, n_packs, n_records) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+    let records_at = ((n_covers as u128 + n_excluded as u128) * 32
+        + n_packs as u128 * PACK as u128)
+        + HEADER as u128;
     let expected =
         records_at + n_records as u128 * RECORD as u128 + BUCKET_TABLE as u128 + TRAILER as u128;
     if expected != size as u128 || n_records > u32::MAX as u64 || n_packs > u32::MAX as u64 {
         return bad(format!("{size} bytes where its header implies {expected}"));
     }
-    let mut covers = Vec::with_capacity(n_covers as usize);
-    for _ in 0..n_covers {
-        let mut id = [0u8; 32];
-        r.take(&mut id)?;
-        if covers.last().is_some_and(|last: &Id| last.0 >= id) {
-            return bad("index object list out of order");
-        }
-        covers.push(Id(id));
-    }
+    let covers = read_ids(&mut r, n_covers)?;
+    let excluded = read_ids(&mut r, n_excluded)?;
     let mut packs = Vec::with_capacity(n_packs as usize);
     for _ in 0..n_packs {
         let mut p = [0u8; PACK];
@@ -226,7 +222,23 @@ fn verify(file: &File, repo_id: &str, key: &[u8; 32]) -> std::result::Result<Ind
             count: n_records as usize,
         }
     };
-    Ok(Index::from_parts(Run { records, buckets }, packs, covers))
+    let mut index = Index::from_parts(Run { records, buckets }, packs, covers);
+    index.set_excluded(excluded);
+    Ok(index)
+}
+
+/// Reads `n` sorted, unique object IDs.
+fn read_ids<R: Read>(r: &mut Hashing<R>, n: u64) -> std::result::Result<Vec<Id>, Damage> {
+    let mut ids = Vec::with_capacity(n.min(1 << 20) as usize);
+    for _ in 0..n {
+        let mut id = [0u8; 32];
+        r.take(&mut id)?;
+        if ids.last().is_some_and(|last: &Id| last.0 >= id) {
+            return bad("index object list out of order");
+        }
+        ids.push(Id(id));
+    }
+    Ok(ids)
 }
 
 fn encode_pack(p: &PackInfo, out: &mut Vec<u8>) {
@@ -356,11 +368,19 @@ fn write_to(temp: &Path, repo_id: &str, key: &[u8; 32], index: &Index) -> std::i
         Ok(())
     };
     buf.extend_from_slice(MAGIC);
-    for n in [index.covers().len(), index.packs().len(), n_records] {
+    for n in [
+        index.covers().len(),
+        index.excluded().len(),
+        index.packs().len(),
+        n_records,
+    ] {
         buf.extend_from_slice(&(n as u64).to_le_bytes());
     }
-    for id in index.covers() {
+    for id in index.covers().iter().chain(index.excluded()) {
         buf.extend_from_slice(&id.0);
+        if buf.len() >= 1 << 15 {
+            flush(&mut buf, &mut w)?;
+        }
     }
     flush(&mut buf, &mut w)?;
     for p in index.packs() {
@@ -449,20 +469,16 @@ mod tests {
         };
         b.add_object(
             Id::of_bytes(b"object 1"),
-            &IndexFile {
-                version: 1,
-                packs: vec![
-                    pack("p1", BlobKind::Data, 0..60),
-                    pack("t", BlobKind::Tree, 50..80),
-                ],
-            },
+            &IndexFile::of(vec![
+                pack("p1", BlobKind::Data, 0..60),
+                pack("t", BlobKind::Tree, 50..80),
+            ]),
+            0,
         );
         b.add_object(
             Id::of_bytes(b"object 2"),
-            &IndexFile {
-                version: 1,
-                packs: vec![locked, pack("p2", BlobKind::Data, 100..3000)],
-            },
+            &IndexFile::of(vec![locked, pack("p2", BlobKind::Data, 100..3000)]),
+            0,
         );
         b.build()
     }
@@ -513,20 +529,18 @@ mod tests {
     fn objects_added_on_top_of_a_mapped_index_merge_into_one_file() {
         let dir = tempfile::tempdir().unwrap();
         let base = write(dir.path(), "repo", &KEY, &sample()).unwrap();
-        let mut b = IndexBuilder::over(base);
+        let mut b = IndexBuilder::over(base, true);
         b.add_object(
             Id::of_bytes(b"object 3"),
-            &IndexFile {
-                version: 1,
-                // A new pack, and a lock extension of a mapped one.
-                packs: vec![
-                    pack("p3", BlobKind::Data, 3000..3100),
-                    IndexPack {
-                        locked_until: chrono::DateTime::from_timestamp(2_100_000_000, 0),
-                        ..pack("p2", BlobKind::Data, 100..3000)
-                    },
-                ],
-            },
+            // A new pack, and a lock extension of a mapped one.
+            &IndexFile::of(vec![
+                pack("p3", BlobKind::Data, 3000..3100),
+                IndexPack {
+                    locked_until: chrono::DateTime::from_timestamp(2_100_000_000, 0),
+                    ..pack("p2", BlobKind::Data, 100..3000)
+                },
+            ]),
+            0,
         );
         let layered = b.build();
         assert_eq!(layered.runs().len(), 2);

@@ -10,20 +10,27 @@ pub mod backend;
 pub mod backup;
 mod cache;
 pub mod check;
+pub mod child;
 mod chunker;
 mod crypto;
 mod error;
+pub mod forget;
 mod fsmeta;
 mod id;
 mod index;
 mod index_cache;
+mod object;
 mod pack;
 mod parallel;
+pub mod provenance;
 pub mod prune;
 mod repo;
 pub mod restore;
 pub mod retention;
+mod sign;
+mod snapshot_list;
 mod tree;
+pub mod upgrade;
 pub mod walk;
 
 pub use backend::Backend;
@@ -40,22 +47,30 @@ pub mod internals {
     pub use crate::pack::{
         decode_blob, parse_pack, raw_frame, BlobEncoder, BlobKind, PackBuilder, PackEntry,
     };
+    pub use crate::provenance::{check_host_name, AdoptionRecord, HostRecord};
     pub use crate::repo::parse_config;
+    pub use crate::sign::{split as split_signed, Signature};
 }
-pub use backend::{LockMode, Retention};
+pub use backend::{LockMode, Retained, Retention};
 pub use crypto::WriterKey;
 pub use crypto::DEFAULT_KDF_WORK_FACTOR;
 pub use error::{Error, Result};
 pub use fsmeta::hostname;
 pub use id::Id;
 pub use index::Index;
+pub use object::{ObjectKind, Rejected};
+pub use provenance::{Signer, SnapshotTrust};
 pub use repo::{
-    ChunkerParams, Config, InitOptions, KeyInfo, LockPolicy, Repository, FORMAT_VERSION,
+    ChunkerParams, Config, IndexUse, InitOptions, KeyInfo, LockPolicy, Repository, FORMAT_VERSION,
 };
+pub use sign::{PublicKey, SigningKey};
+pub use snapshot_list::{Listed, Selector, SnapshotList, FUTURE_MARGIN};
 pub use tree::{Bytes, Node, NodeKind, Snapshot, Summary, Tree};
 
 #[cfg(test)]
 mod engine_tests;
+#[cfg(test)]
+mod provenance_tests;
 #[cfg(test)]
 mod reliability_tests;
 #[cfg(test)]

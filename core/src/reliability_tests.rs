@@ -16,6 +16,7 @@ use crate::backend::resilience::{
 use crate::backend::{Backend, LocalBackend, MemoryBackend};
 use crate::backup::{backup, BackupOptions, Progress};
 use crate::check::{check, CheckOptions};
+use crate::object::ObjectKind;
 use crate::prune::{prune, PruneOptions};
 use crate::repo::{InitOptions, Repository};
 use crate::restore::{restore, RestoreOptions};
@@ -103,9 +104,25 @@ fn restore_into(
     tree: &Id,
     target: &Path,
 ) -> crate::Result<crate::restore::RestoreReport> {
+    let snapshot = crate::Snapshot {
+        version: 1,
+        time: chrono::Utc::now(),
+        host: "h".into(),
+        user: "u".into(),
+        paths: vec![],
+        tags: vec![],
+        tree: *tree,
+        incomplete: false,
+        summary: crate::Summary {
+            dirs: 10_000,
+            ..Default::default()
+        },
+        program: "test".into(),
+        locked_until: None,
+    };
     restore(
         repo,
-        tree,
+        &snapshot,
         &RestoreOptions {
             target: target.to_path_buf(),
             ..Default::default()
@@ -433,7 +450,7 @@ fn hosts_backing_up_while_forget_and_prune_run_never_lose_referenced_data() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 // Forget all but each host's newest snapshot, then prune with a
                 // short grace (the protocol's guarantees, at test speed).
-                let snaps = repo.snapshots().unwrap();
+                let snaps = repo.snapshots().unwrap().pairs();
                 let mut newest: HashMap<&str, chrono::DateTime<chrono::Utc>> = HashMap::new();
                 for (_, s) in &snaps {
                     let e = newest.entry(s.host.as_str()).or_insert(s.time);
@@ -441,7 +458,7 @@ fn hosts_backing_up_while_forget_and_prune_run_never_lose_referenced_data() {
                 }
                 for (id, s) in &snaps {
                     if newest[s.host.as_str()] != s.time {
-                        repo.backend().delete(&format!("snapshots/{id}")).unwrap();
+                        repo.delete_object(ObjectKind::Snapshot, id).unwrap();
                     }
                 }
                 prune(
@@ -480,8 +497,9 @@ fn hosts_backing_up_while_forget_and_prune_run_never_lose_referenced_data() {
     let alive: std::collections::HashSet<Id> = repo
         .snapshots()
         .unwrap()
+        .snapshots
         .into_iter()
-        .map(|(id, _)| id)
+        .map(|l| l.id)
         .collect();
     let mut restored = 0;
     for (id, tree, src) in &committed {

@@ -10,12 +10,17 @@
 //! | `index/<id>` | age(zstd(JSON index)) |
 //! | `snapshots/<id>` | age(zstd(JSON snapshot)) |
 //! | `pending/<id>` | age(zstd(JSON prune plan)): packs condemned by phase one of a prune |
+//! | `drills/<id>` | age(zstd(JSON drill report)) |
+//! | `hosts/<id>` | age(zstd(JSON host registry entry)), signed by the admin key |
+//! | `adopt/<id>` | age(zstd(JSON adoption record)), signed by the admin key |
 //!
 //! Index objects and prune plans are also encrypted to the index recipient
 //! (format 2), so a host holding only a writer credential can deduplicate
 //! and respect prune plans without reading any snapshot, tree or pack. With
 //! an Object Lock policy, packs, index objects and snapshots are written
-//! with a retention date (see [`LockPolicy`]).
+//! with a retention date (see [`LockPolicy`]). Since format 3 every JSON
+//! object carries a signature by its writer in front of its zstd frame
+//! (`sign`), and what a reader believes of it is decided in `provenance`.
 //!
 //! `init` writes the key before the config, so a repository exists (has a
 //! `config`) only once it can be opened. Every other object name is the hash
@@ -32,14 +37,19 @@ use crate::backend::{Backend, BackendError, LockMode, PutOutcome, Retention};
 use crate::crypto::{ChunkKey, KeyFile, MasterKey, Recipients, WriterKey, DEFAULT_KDF_WORK_FACTOR};
 use crate::error::{Error, Result};
 use crate::id::Id;
-use crate::index::{Index, IndexFile};
+use crate::index::Index;
+use crate::object::ObjectKind;
 use crate::pack::{decode_blob, BlobKind};
-use crate::tree::{Snapshot, Tree};
+use crate::provenance::{Signer, TrustStore};
+use crate::sign::{PublicKey, SigningKey};
+use crate::tree::Tree;
 
 /// The repository format version this binary writes. Version 2 added the
-/// index recipient (writer credentials) and the Object Lock policy; version
-/// 1 repositories are still read and written, without those.
-pub const FORMAT_VERSION: u32 = 2;
+/// index recipient (writer credentials) and the Object Lock policy;
+/// version 3 signed provenance (the admin key, host keys, the host
+/// registry). Versions 1 and 2 are still read and written, without those;
+/// `lifeboat upgrade` moves a version-2 repository to 3.
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format version this binary reads.
 const OLDEST_FORMAT_VERSION: u32 = 1;
 /// The `format` field of every lifeboat repository config.
@@ -48,9 +58,6 @@ const FORMAT_NAME: &str = "lifeboat-repository";
 /// written in walk order, so a small cache already serves almost every tree
 /// of a pack from one decryption.
 const PACK_CACHE_BYTES: usize = 32 << 20;
-/// Largest decompressed JSON object we accept (a hostile repository must not
-/// be able to exhaust memory with a zstd bomb).
-const MAX_JSON_OBJECT: usize = 1 << 30;
 
 /// Content-defined chunking parameters, fixed per repository (changing them
 /// would defeat dedup against existing data).
@@ -101,6 +108,10 @@ pub struct Config {
     /// Object Lock retention for new packs, index objects and snapshots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock: Option<LockPolicy>,
+    /// The public half of the admin key (hex), which signs what full-key
+    /// hosts write (format 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_key: Option<String>,
     /// MAC of the config with this field empty, keyed by the master key.
     #[serde(default)]
     pub mac: String,
@@ -114,7 +125,12 @@ impl Config {
         blake3::hash(&bytes).to_hex().to_string()
     }
 
-    fn mac_input(&self) -> Vec<u8> {
+    /// The admin key's public half (format 3).
+    pub fn admin_public(&self) -> Option<PublicKey> {
+        self.admin_key.as_deref().and_then(PublicKey::from_hex)
+    }
+
+    pub(crate) fn mac_input(&self) -> Vec<u8> {
         let mut c = self.clone();
         c.mac.clear();
         serde_json::to_vec(&c).expect("config serialises")
@@ -232,6 +248,58 @@ pub struct Repository {
     /// `recipients` plus the index recipient (for index objects and plans).
     index_recipients: Recipients,
     pack_cache: Mutex<PackCache>,
+    /// What this process signs with, and as whom (format 3).
+    signing: Option<(SigningKey, Signer)>,
+    /// The host registry and adoption records, read once when first needed
+    /// (full key only), and read again after this process adds to them.
+    trust: Mutex<Option<Arc<TrustStore>>>,
+}
+
+/// What an index is loaded for: which listings it takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexUse {
+    /// A backup's: what it may skip uploading. Listings vouched for by a
+    /// full-key host, and its own host's.
+    Dedup,
+    /// A reader's (restore, check, prune's tree reads): every listing by a
+    /// registered signer, vouched ones tried first. Every blob read is
+    /// checked against its keyed ID, so a false listing costs a retry.
+    Read,
+}
+
+/// A JSON object as read ([`Repository::read_object`]): its JSON and its
+/// signature, not yet judged.
+#[derive(Debug)]
+pub(crate) struct RawObject {
+    pub(crate) kind: ObjectKind,
+    pub(crate) id: Id,
+    pub(crate) json: Vec<u8>,
+    pub(crate) signature: Option<crate::sign::Signature>,
+}
+
+impl RawObject {
+    /// Parses the JSON.
+    pub(crate) fn parse<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_slice(&self.json).map_err(|e| {
+            Error::corrupt(
+                format!("{} object {}", self.kind.prefix(), self.id.short()),
+                format!("invalid JSON: {e}"),
+            )
+        })
+    }
+
+    /// Its signer, as `repo` can tell ([`Repository::signer_of`]).
+    pub(crate) fn signer(&self, repo: &Repository) -> std::result::Result<Option<Signer>, String> {
+        repo.signer_of(self)
+    }
+
+    /// The error for this object not being believed.
+    pub(crate) fn untrusted(&self, reason: String) -> Error {
+        Error::Untrusted {
+            object: self.kind.key(&self.id),
+            reason,
+        }
+    }
 }
 
 /// A pack read by [`Repository::read_pack_salvage`].
@@ -342,7 +410,13 @@ fn read_config(backend: &dyn Backend) -> Result<Config> {
 }
 
 fn read_config_once(backend: &dyn Backend) -> Result<Config> {
-    let bytes = match backend.get("config", None) {
+    let bytes = match backend.get("config", Some(0..crate::object::MAX_SMALL_OBJECT + 1)) {
+        Ok(b) if b.len() as u64 > crate::object::MAX_SMALL_OBJECT => {
+            return Err(Error::corrupt(
+                "repository config",
+                "it is larger than any config lifeboat writes (64 KiB)",
+            ))
+        }
         Ok(b) => b,
         Err(BackendError::NotFound { .. }) => {
             return Err(Error::NoRepository {
@@ -405,6 +479,12 @@ pub fn parse_config(bytes: &[u8]) -> Result<Config> {
         return Err(Error::corrupt(
             "repository config",
             "format 1 has no index recipient or lock policy",
+        ));
+    }
+    if (version >= 3) != config.admin_public().is_some() {
+        return Err(Error::corrupt(
+            "repository config",
+            "format 3, and only format 3, has an admin key of 64 hex digits",
         ));
     }
     if version >= 2 && config.index_recipient.is_none() {
@@ -479,6 +559,7 @@ impl Repository {
             recipients: vec![key.recipient()],
             index_recipient: key.index_recipient(),
             lock: opts.lock,
+            admin_key: Some(key.admin_signing().public().to_hex()),
             mac: String::new(),
         };
         config.mac = key.mac(&config.mac_input());
@@ -511,6 +592,22 @@ impl Repository {
         let mut with_index = config.recipients.clone();
         with_index.extend(config.index_recipient.clone());
         let index_recipients = Recipients::parse(&with_index)?;
+        let signing = match (&access, config.version >= 3) {
+            (_, false) => None,
+            (Access::Full { key, .. }, true) => {
+                let admin = key.admin_signing();
+                if Some(admin.public()) != config.admin_public() {
+                    return Err(Error::corrupt(
+                        "repository config",
+                        "its admin key is not this repository's: it was altered outside lifeboat",
+                    ));
+                }
+                Some((admin, Signer::Admin))
+            }
+            (Access::Writer(w), true) => w
+                .signer()
+                .map(|(host, key)| (key.clone(), Signer::Host(host.to_string()))),
+        };
         Ok(Repository {
             backend,
             config,
@@ -518,6 +615,8 @@ impl Repository {
             recipients,
             index_recipients,
             pack_cache: Mutex::new(PackCache::new(PACK_CACHE_BYTES)),
+            signing,
+            trust: Mutex::new(None),
         })
     }
 
@@ -537,6 +636,14 @@ impl Repository {
                 &writer.repository()[..writer.repository().len().min(8)],
                 backend.location(),
                 &config.id[..8]
+            )));
+        }
+        if config.version >= 3 && writer.signer().is_none() {
+            return Err(Error::Invalid(format!(
+                "the writer credential was made for format {}, before signed provenance, and repository {} is format {}: export a new one on a host with the passphrase with `lifeboat key export-writer --host NAME --out FILE`",
+                config.version.min(2),
+                &config.id[..8],
+                config.version
             )));
         }
         if config.digest() != writer.config_digest()
@@ -628,21 +735,54 @@ impl Repository {
     }
 
     /// The writer credential for this repository (`key export-writer`).
-    pub fn writer_key(&self) -> Result<WriterKey> {
+    /// In format 3 it writes as `host`: a new signing key is made for it
+    /// and registered (an admin-signed `hosts/` entry) before the
+    /// credential is returned, so nothing it signs is ever unregistered.
+    pub fn writer_key(&self, host: Option<&str>) -> Result<WriterKey> {
         let key = self.master_key("exporting a writer credential")?;
+        let predates = || {
+            Error::Invalid(format!(
+                "repository {} uses format {}, which predates writer credentials (its index objects are readable only with the full key); create a new repository with this lifeboat and back up into it to use write-only hosts",
+                &self.config.id[..8],
+                self.config.version
+            ))
+        };
+        if self.config.index_recipient != key.index_recipient() {
+            return Err(predates());
+        }
+        let signer = match (self.config.version >= 3, host) {
+            (true, Some(host)) => {
+                crate::provenance::check_host_name(host).map_err(Error::Invalid)?;
+                let signing = SigningKey::generate();
+                self.register_host(host, Some(signing.public()))?;
+                Some((host.to_string(), signing))
+            }
+            (true, None) => {
+                return Err(Error::Invalid(
+                    "a writer credential writes as one host: give its name with --host NAME (the name its snapshots will carry)".into(),
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(Error::Invalid(format!(
+                    "repository {} is format {}, whose writer credentials carry no host identity; run `lifeboat upgrade` first to sign what each host writes",
+                    &self.config.id[..8],
+                    self.config.version
+                )))
+            }
+            (false, None) => None,
+        };
         key.writer_key(
             &self.config.id,
             &self.config.recipients,
             &self.config.digest(),
+            signer,
         )
-            .filter(|_| self.config.index_recipient == key.index_recipient())
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "repository {} uses format {}, which predates writer credentials (its index objects are readable only with the full key); create a new repository with this lifeboat and back up into it to use write-only hosts",
-                    &self.config.id[..8],
-                    self.config.version
-                ))
-            })
+        .ok_or_else(predates)
+    }
+
+    /// The largest pack object a reader downloads.
+    fn max_pack(&self) -> u64 {
+        crate::object::max_pack(self.config.pack_size)
     }
 
     /// The repository's Object Lock policy, if any.
@@ -739,31 +879,44 @@ impl Repository {
         Ok(id)
     }
 
-    /// Encrypts and stores a JSON object under `prefix/`; returns its ID.
-    /// Index objects and prune plans are also encrypted to the index
-    /// recipient (readable by writer credentials); everything else only to
-    /// the repository's recipients.
-    pub fn save_json<T: Serialize>(&self, prefix: &str, value: &T) -> Result<Id> {
-        self.save_json_retained(prefix, value, None)
+    /// Encrypts and stores a JSON object of `kind`; returns its ID. Since
+    /// format 3 it is signed by this process's key first. Index objects and
+    /// prune plans are also encrypted to the index recipient (readable by
+    /// writer credentials); everything else only to the repository's
+    /// recipients.
+    pub fn save<T: Serialize>(&self, kind: ObjectKind, value: &T) -> Result<Id> {
+        self.save_retained(kind, value, None)
     }
 
-    /// [`save_json`](Self::save_json) with an Object Lock retention.
-    pub fn save_json_retained<T: Serialize>(
+    /// [`save`](Self::save) with an Object Lock retention.
+    pub fn save_retained<T: Serialize>(
         &self,
-        prefix: &str,
+        kind: ObjectKind,
         value: &T,
         retention: Option<&Retention>,
     ) -> Result<Id> {
         let json = serde_json::to_vec(value).expect("objects serialise");
+        let mut plain = Vec::with_capacity(json.len() / 2 + crate::sign::FRAME);
+        if self.config.version >= 3 {
+            let (key, _) = self.signing.as_ref().ok_or_else(|| Error::NeedsFullKey {
+                operation: format!(
+                    "writing a {} (this credential has no signing key)",
+                    kind.name()
+                ),
+            })?;
+            plain.extend_from_slice(&key.frame(kind.name(), &self.config.id, &json));
+        }
         let compressed =
             zstd::bulk::compress(&json, 3).map_err(|e| Error::Invalid(format!("zstd: {e}")))?;
-        let recipients = match prefix {
-            "index" | "pending" => &self.index_recipients,
-            _ => &self.recipients,
+        plain.extend_from_slice(&compressed);
+        let recipients = if kind.for_writers() {
+            &self.index_recipients
+        } else {
+            &self.recipients
         };
-        let ciphertext = recipients.encrypt(&compressed);
+        let ciphertext = recipients.encrypt(&plain);
         let id = Id::of_bytes(&ciphertext);
-        self.put_object(&format!("{prefix}/{id}"), ciphertext, retention)?;
+        self.put_object(&kind.key(&id), ciphertext, retention)?;
         Ok(id)
     }
 
@@ -779,15 +932,30 @@ impl Repository {
         Ok(self.backend.put_shared(key, bytes.into(), retention)?)
     }
 
-    /// Reads an object named by the hash of its bytes. A copy that does not
-    /// match its name is read again (`READ_ATTEMPTS` reads in all) before it counts as
-    /// damaged: a transport that silently truncates or flips a byte looks
-    /// exactly like bit rot on the first read, and only a second read tells
-    /// them apart. Returns the bytes and whether they match.
-    fn get_named(&self, key: &str, id: &Id, what: &dyn Fn() -> String) -> Result<(Vec<u8>, bool)> {
+    /// Reads an object named by the hash of its bytes, at most `limit`
+    /// bytes of it (a larger object is refused without being downloaded
+    /// whole: one byte more is asked for, and its arrival says so). A copy
+    /// that does not match its name is read again (`READ_ATTEMPTS` reads in
+    /// all) before it counts as damaged: a transport that silently
+    /// truncates or flips a byte looks exactly like bit rot on the first
+    /// read, and only a second read tells them apart. Returns the bytes and
+    /// whether they match.
+    fn get_named(
+        &self,
+        key: &str,
+        id: &Id,
+        limit: u64,
+        what: &dyn Fn() -> String,
+    ) -> Result<(Vec<u8>, bool)> {
         let mut attempt = 0;
         loop {
-            let bytes = match self.backend.get(key, None) {
+            let bytes = match self.backend.get(key, Some(0..limit.saturating_add(1))) {
+                Ok(b) if b.len() as u64 > limit => {
+                    return Err(Error::corrupt(
+                        what(),
+                        format!("it is larger than any such object lifeboat writes ({limit} bytes); it was not read"),
+                    ))
+                }
                 Ok(b) => b,
                 Err(e) if e.is_not_found() => return Err(Error::Missing { object: what() }),
                 Err(e) => return Err(e.into()),
@@ -803,38 +971,295 @@ impl Repository {
         }
     }
 
-    /// Loads and decrypts a JSON object, checking that its bytes match its name.
-    pub fn load_json<T: DeserializeOwned>(&self, prefix: &str, id: &Id) -> Result<T> {
-        let key = format!("{prefix}/{id}");
-        let what = || format!("{prefix} object {}", id.short());
-        let (ciphertext, intact) = self.get_named(&key, id, &what)?;
+    /// Reads an object of `kind`: checks it against its name, decrypts it,
+    /// takes off its signature frame (not yet checked: see
+    /// [`Self::signer_of`]) and decompresses its JSON, within the kind's
+    /// limits. `listed` is the size a listing gave, refused before any
+    /// download when it is over the limit.
+    pub(crate) fn read_object(
+        &self,
+        kind: ObjectKind,
+        id: &Id,
+        listed: Option<u64>,
+    ) -> Result<RawObject> {
+        let what = || format!("{} object {}", kind.prefix(), id.short());
+        let (max_stored, max_json) = kind.limits(self.config.version < 3);
+        if let Some(size) = listed.filter(|&s| s > max_stored) {
+            return Err(Error::corrupt(
+                what(),
+                format!("it is {size} bytes, larger than any such object lifeboat writes ({max_stored}); it was not read"),
+            ));
+        }
+        let (ciphertext, intact) = self.get_named(&kind.key(id), id, max_stored, &what)?;
         if !intact {
             return Err(Error::corrupt(what(), "content does not match its name"));
         }
-        let compressed = self.decrypt(&ciphertext, &what)?;
+        let plain = self.decrypt(&ciphertext, &what)?;
+        drop(ciphertext);
+        let (signature, compressed) =
+            crate::sign::split(&plain).map_err(|e| Error::corrupt(what(), e))?;
         let mut json = Vec::new();
-        let mut decoder = zstd::stream::read::Decoder::new(compressed.as_slice())
-            .map_err(|e| Error::corrupt(what(), e.to_string()))?;
+        let mut decoder = zstd::stream::read::Decoder::with_buffer(compressed)
+            .map_err(|e| Error::corrupt(what(), e.to_string()))?
+            .single_frame();
         std::io::Read::read_to_end(
-            &mut std::io::Read::take(&mut decoder, MAX_JSON_OBJECT as u64 + 1),
+            &mut std::io::Read::take(&mut decoder, max_json + 1),
             &mut json,
         )
         .map_err(|e| Error::corrupt(what(), format!("zstd: {e}")))?;
-        if json.len() > MAX_JSON_OBJECT {
-            return Err(Error::corrupt(what(), "decompresses to more than 1 GiB"));
+        if json.len() as u64 > max_json {
+            return Err(Error::corrupt(
+                what(),
+                format!("it decompresses to more than {max_json} bytes, more than any such object lifeboat writes"),
+            ));
         }
-        serde_json::from_slice(&json)
-            .map_err(|e| Error::corrupt(what(), format!("invalid JSON: {e}")))
+        Ok(RawObject {
+            kind,
+            id: *id,
+            json,
+            signature,
+        })
     }
 
-    /// IDs of every object under `prefix/`, skipping names that are not IDs.
-    pub fn list_ids(&self, prefix: &str) -> Result<Vec<Id>> {
+    /// Loads and decrypts a JSON object of `kind`, checking that its bytes
+    /// match its name, but not who wrote it: for callers that judge the
+    /// signer themselves ([`Self::signer_of`]) or objects only this host
+    /// wrote.
+    pub(crate) fn load<T: DeserializeOwned>(&self, kind: ObjectKind, id: &Id) -> Result<T> {
+        self.read_object(kind, id, None)?.parse()
+    }
+
+    /// Loads an object only a full-key host writes (a prune plan, a drill
+    /// report, a registry entry, an adoption record). In a format-3
+    /// repository it must carry the admin key's signature, or it is
+    /// [`Error::Untrusted`]: a writer credential may put objects anywhere
+    /// its store allows, and must never be able to speak for the admin.
+    pub fn load_admin<T: DeserializeOwned>(&self, kind: ObjectKind, id: &Id) -> Result<T> {
+        self.load_admin_listed(kind, id, None)
+    }
+
+    /// [`load_admin`](Self::load_admin) with the size a listing gave.
+    pub(crate) fn load_admin_listed<T: DeserializeOwned>(
+        &self,
+        kind: ObjectKind,
+        id: &Id,
+        listed: Option<u64>,
+    ) -> Result<T> {
+        let raw = self.read_object(kind, id, listed)?;
+        if self.config.version >= 3 {
+            match raw.signer(self) {
+                Ok(Some(Signer::Admin)) => {}
+                Ok(Some(other)) => {
+                    return Err(raw.untrusted(format!(
+                        "it is signed by {other}, and only a full-key host writes {}s",
+                        kind.name()
+                    )))
+                }
+                Ok(None) => return Err(raw.untrusted("it is not signed".into())),
+                Err(why) => return Err(raw.untrusted(why)),
+            }
+        }
+        raw.parse()
+    }
+
+    /// Who signed `raw`: `Ok(None)` for an unsigned object, `Err` naming
+    /// why a signature is not believed (it fails, or no registered host
+    /// holds its key). A writer credential knows only the admin key and
+    /// its own; another host's key is an `Err` to it.
+    pub(crate) fn signer_of(&self, raw: &RawObject) -> std::result::Result<Option<Signer>, String> {
+        let Some(sig) = &raw.signature else {
+            return Ok(None);
+        };
+        if !sig.verifies(raw.kind.name(), &self.config.id, &raw.json) {
+            return Err("its signature does not verify: it was forged or altered".into());
+        }
+        if Some(sig.signer) == self.admin_public() {
+            return Ok(Some(Signer::Admin));
+        }
+        if let Some((key, me)) = &self.signing {
+            if key.public() == sig.signer {
+                return Ok(Some(me.clone()));
+            }
+        }
+        if self.is_write_only() {
+            return Err("it is signed by another host's key".into());
+        }
+        let trust = self
+            .trust()
+            .map_err(|e| format!("the host registry cannot be read: {e}"))?;
+        match trust.host_of(&sig.signer) {
+            Some(host) => Ok(Some(Signer::Host(host.to_string()))),
+            None => Err(format!(
+                "it is signed by key {}…, which no registered host holds",
+                &sig.signer.to_hex()[..16]
+            )),
+        }
+    }
+
+    /// The admin key's public half: derived from the full key, or read from
+    /// the (pinned) config by a writer. During `upgrade` the config has none
+    /// yet, and the full key's own is used.
+    pub fn admin_public(&self) -> Option<PublicKey> {
+        match &self.access {
+            Access::Full { key, .. } => Some(key.admin_signing().public()),
+            Access::Writer(_) => self.config.admin_public(),
+        }
+    }
+
+    /// Who this process signs as (format 3): the admin, or its writer
+    /// credential's host.
+    pub fn identity(&self) -> Option<&Signer> {
+        self.signing.as_ref().map(|(_, s)| s)
+    }
+
+    /// The host registry and adoption records, read once (a full-key host
+    /// reads them; a writer cannot, and sees an empty store). Entries that
+    /// fail verification are in its `rejected`.
+    pub fn trust(&self) -> Result<Arc<TrustStore>> {
+        if let Some(t) = self.trust.lock().expect("trust poisoned").as_ref() {
+            return Ok(t.clone());
+        }
+        let mut store = TrustStore::default();
+        if !self.is_write_only() {
+            for (kind, info) in self
+                .list_objects(ObjectKind::Host)?
+                .into_iter()
+                .map(|o| (ObjectKind::Host, o))
+                .chain(
+                    self.list_objects(ObjectKind::Adoption)?
+                        .into_iter()
+                        .map(|o| (ObjectKind::Adoption, o)),
+                )
+            {
+                self.add_to_trust(&mut store, kind, &info);
+            }
+        }
+        let store = Arc::new(store);
+        *self.trust.lock().expect("trust poisoned") = Some(store.clone());
+        Ok(store)
+    }
+
+    /// Verifies one registry entry or adoption record into `store`.
+    fn add_to_trust(
+        &self,
+        store: &mut TrustStore,
+        kind: ObjectKind,
+        (id, info): &(Id, crate::backend::ObjectInfo),
+    ) {
+        let result = match kind {
+            ObjectKind::Host => self
+                .load_signed_by_admin::<crate::provenance::HostRecord>(kind, id, info.size)
+                .and_then(|r| {
+                    crate::provenance::check_host_name(&r.host)
+                        .map(|()| r)
+                        .map_err(|e| Error::corrupt(kind.key(id), e))
+                })
+                .map(|r| store.add_host(id, r)),
+            _ => self
+                .load_signed_by_admin::<crate::provenance::AdoptionRecord>(kind, id, info.size)
+                .map(|r| store.add_adoption(r)),
+        };
+        if let Err(e) = result {
+            store.rejected.push(crate::object::Rejected {
+                object: kind.key(id),
+                reason: e.to_string(),
+            });
+        }
+    }
+
+    /// An object that must carry the admin key's signature whatever the
+    /// format (registry entries and adoption records are written before
+    /// `upgrade` moves the config to format 3).
+    fn load_signed_by_admin<T: DeserializeOwned>(
+        &self,
+        kind: ObjectKind,
+        id: &Id,
+        size: u64,
+    ) -> Result<T> {
+        let raw = self.read_object(kind, id, Some(size))?;
+        let ok = raw.signature.as_ref().is_some_and(|sig| {
+            Some(sig.signer) == self.admin_public()
+                && sig.verifies(kind.name(), &self.config.id, &raw.json)
+        });
+        if !ok {
+            return Err(raw.untrusted("it is not signed by the admin key".into()));
+        }
+        raw.parse()
+    }
+
+    /// Records `host` (and the public key its writer credential signs
+    /// with) in the host registry.
+    pub fn register_host(&self, host: &str, key: Option<PublicKey>) -> Result<Id> {
+        self.require_full_key("registering a host")?;
+        let record = crate::provenance::HostRecord {
+            version: 1,
+            host: host.to_string(),
+            key: key.map(|k| k.to_hex()),
+            created: chrono::Utc::now(),
+        };
+        let id = self.save_signed_by_admin(ObjectKind::Host, &record)?;
+        *self.trust.lock().expect("trust poisoned") = None;
+        Ok(id)
+    }
+
+    /// Stores an object signed by the admin key whatever the config's
+    /// format (see [`Self::load_signed_by_admin`]).
+    pub(crate) fn save_signed_by_admin<T: Serialize>(
+        &self,
+        kind: ObjectKind,
+        value: &T,
+    ) -> Result<Id> {
+        let admin = self.master_key("writing a signed object")?.admin_signing();
+        let json = serde_json::to_vec(value).expect("objects serialise");
+        let mut plain = admin.frame(kind.name(), &self.config.id, &json).to_vec();
+        plain.extend(
+            zstd::bulk::compress(&json, 3).map_err(|e| Error::Invalid(format!("zstd: {e}")))?,
+        );
+        let recipients = if kind.for_writers() {
+            &self.index_recipients
+        } else {
+            &self.recipients
+        };
+        let ciphertext = recipients.encrypt(&plain);
+        let id = Id::of_bytes(&ciphertext);
+        self.put_object(&kind.key(&id), ciphertext, None)?;
+        *self.trust.lock().expect("trust poisoned") = None;
+        Ok(id)
+    }
+
+    /// Every object of `kind`, by ID, with the size and time the store
+    /// lists (keys that are not IDs are ignored).
+    pub fn list_objects(&self, kind: ObjectKind) -> Result<Vec<(Id, crate::backend::ObjectInfo)>> {
         Ok(self
             .backend
-            .list(&format!("{prefix}/"))?
+            .list(&format!("{}/", kind.prefix()))?
             .into_iter()
-            .filter_map(|o| o.key.rsplit('/').next().and_then(|n| n.parse().ok()))
+            .filter_map(|o| {
+                let id = o
+                    .key
+                    .strip_prefix(kind.prefix())?
+                    .strip_prefix('/')?
+                    .parse()
+                    .ok()?;
+                Some((id, o))
+            })
             .collect())
+    }
+
+    /// IDs of every object of `kind`.
+    pub fn list_ids(&self, kind: ObjectKind) -> Result<Vec<Id>> {
+        Ok(self
+            .list_objects(kind)?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// Deletes an object of `kind`: the only way the engines delete JSON
+    /// objects (`forget`, prune's plans and index consolidation).
+    pub(crate) fn delete_object(&self, kind: ObjectKind, id: &Id) -> Result<()> {
+        self.require_full_key("deleting objects")?;
+        Ok(self.backend.delete(&kind.key(id))?)
     }
 
     /// Every pack in storage, by ID, with its size and time (keys under
@@ -854,22 +1279,37 @@ impl Repository {
             .collect())
     }
 
-    /// Loads every index object into one in-memory index.
+    /// Loads every index object a reader may look in ([`IndexUse::Read`])
+    /// into one in-memory index.
     pub fn load_index(&self) -> Result<Index> {
-        self.load_index_over(None)
+        self.load_index_over(None, IndexUse::Read, None)
     }
 
-    /// Loads the index through the index cache file under `cache_dir`
-    /// (`index_cache`): the cached index is mapped rather than held in
-    /// memory and only the index objects written since are loaded (into
-    /// memory, on top of it); the file is rebuilt when a prune removed
-    /// objects it covers, and rewritten once the objects loaded on top are
-    /// an eighth of it. (Building it loads the whole index into memory
-    /// once, as [`Repository::load_index`] does.) A cache that cannot be
-    /// read or written only costs time (the reason is logged).
+    /// [`Self::load_index`] for reading a snapshot of `host`: after what a
+    /// full-key host vouched for, that host's own listings are tried before
+    /// any other host's (which may only ever claim its blobs falsely).
+    pub fn load_index_for_host(&self, host: &str) -> Result<Index> {
+        self.load_index_over(None, IndexUse::Read, Some(host))
+    }
+
+    /// Loads the listings a backup may dedup against ([`IndexUse::Dedup`])
+    /// into one in-memory index.
+    pub fn load_dedup_index(&self) -> Result<Index> {
+        self.load_index_over(None, IndexUse::Dedup, None)
+    }
+
+    /// Loads the dedup index ([`IndexUse::Dedup`]) through the index cache
+    /// file under `cache_dir` (`index_cache`): the cached index is mapped
+    /// rather than held in memory and only the index objects written since
+    /// are loaded (into memory, on top of it); the file is rebuilt when a
+    /// prune removed objects it covers, and rewritten once the objects
+    /// loaded on top are an eighth of it. (Building it loads the whole
+    /// index into memory once.) A cache that cannot be read or written only
+    /// costs time (the reason is logged).
     pub fn load_index_cached(&self, cache_dir: &Path) -> Result<Index> {
         let repo_id = &self.config().id;
-        let index = self.load_index_reusing_cache(cache_dir)?;
+        let cached = crate::index_cache::open(cache_dir, repo_id, &self.index_cache_key());
+        let index = self.load_index_over(cached, IndexUse::Dedup, None)?;
         let runs = index.runs();
         let mapped =
             |run: &crate::index::Run| matches!(run.records, crate::index::Records::Mapped { .. });
@@ -879,7 +1319,7 @@ impl Repository {
             _ => true,
         };
         if !fold {
-            if index.is_empty() {
+            if index.is_empty() && index.excluded().is_empty() {
                 // An empty repository (or one pruned empty): a stale file
                 // would only be verified and rejected by every backup.
                 let _ = std::fs::remove_file(crate::index_cache::path(cache_dir, repo_id));
@@ -895,60 +1335,140 @@ impl Repository {
         }
     }
 
-    /// Loads the index on top of the index cache file under `cache_dir`
-    /// where that file is valid (mapped, as for a backup), else from the
-    /// index objects alone, and never writes the file: for readers such
-    /// as restore, which should not pay for building a cache on a machine
-    /// that has none.
-    pub fn load_index_reusing_cache(&self, cache_dir: &Path) -> Result<Index> {
+    /// Loads the reader's index ([`IndexUse::Read`]) on top of the index
+    /// cache file under `cache_dir` where that file is valid (mapped, as
+    /// for a backup; the objects it left out as not for dedup are loaded
+    /// on top), else from the index objects alone, and never writes the
+    /// file: for readers such as restore, which should not pay for building
+    /// a cache on a machine that has none.
+    /// `host` is whose snapshot it reads ([`Self::load_index_for_host`]).
+    pub fn load_index_reusing_cache(&self, cache_dir: &Path, host: Option<&str>) -> Result<Index> {
         let cached =
             crate::index_cache::open(cache_dir, &self.config().id, &self.index_cache_key());
-        self.load_index_over(cached)
+        self.load_index_over(cached, IndexUse::Read, host)
     }
 
-    /// The key of the index cache file's MAC, derived from the chunk key.
-    fn index_cache_key(&self) -> [u8; 32] {
-        self.ids().derive(crate::index_cache::MAC_PURPOSE)
+    /// The key of the index cache file's MAC, derived from the chunk key
+    /// and whom this process writes as: a dedup index holds what *this*
+    /// signer may dedup against, so another identity's file must not pass.
+    pub(crate) fn index_cache_key(&self) -> [u8; 32] {
+        let who = match self.identity() {
+            None => String::new(),
+            Some(Signer::Admin) => " for the admin".into(),
+            Some(Signer::Host(h)) => format!(" for host {h}"),
+        };
+        self.ids()
+            .derive(&format!("{}{who}", crate::index_cache::MAC_PURPOSE))
     }
 
-    /// Loads every index object not covered by `base` on top of it (all of
-    /// them without a base, or when an object `base` covers is gone).
-    fn load_index_over(&self, base: Option<Index>) -> Result<Index> {
+    /// Reads one index object and judges who may use its listings for what.
+    pub(crate) fn load_index_object(
+        &self,
+        id: &Id,
+        listed: Option<u64>,
+    ) -> Result<(crate::index::IndexFile, crate::provenance::IndexTrust)> {
+        use crate::provenance::IndexTrust;
+        let raw = self.read_object(ObjectKind::Index, id, listed)?;
+        let file: crate::index::IndexFile = raw.parse()?;
+        if self.config.version < 3 {
+            return Ok((file, IndexTrust::Vouched));
+        }
+        let signer = self.signer_of(&raw);
+        let superseded =
+            raw.signature.is_none() && !self.is_write_only() && self.trust()?.is_superseded(id);
+        let trust = crate::provenance::judge_index(
+            file.origin.as_deref(),
+            signer,
+            superseded,
+            self.is_write_only(),
+        );
+        Ok((file, trust))
+    }
+
+    /// The tier an index object's listings take in an index for `purpose`
+    /// (lookups try tier 0 first; `prefer` is the host whose own listings
+    /// come before other hosts'), or `None` when they are left out.
+    fn tier_for(
+        &self,
+        purpose: IndexUse,
+        trust: &crate::provenance::IndexTrust,
+        prefer: Option<&str>,
+    ) -> Option<u8> {
+        use crate::provenance::IndexTrust;
+        match (trust, purpose) {
+            (IndexTrust::Vouched, _) => Some(0),
+            // A backup trusts, besides what the admin vouched for, only its
+            // own host's word: another host's listing could name blobs it
+            // never stored (dedup poisoning).
+            (IndexTrust::Host(h), IndexUse::Dedup) => {
+                (self.identity() == Some(&Signer::Host(h.clone()))).then_some(0)
+            }
+            (IndexTrust::Host(h), IndexUse::Read) if Some(h.as_str()) == prefer => Some(1),
+            (IndexTrust::Host(_), IndexUse::Read) => Some(2),
+            (IndexTrust::Foreign | IndexTrust::Superseded | IndexTrust::Untrusted(_), _) => None,
+        }
+    }
+
+    /// Loads every index object not accounted for by `base` on top of it
+    /// (all of them without a base, or when an object `base` covers is
+    /// gone), each into the tier `purpose` gives it or left out. An object
+    /// that cannot be read or does not verify is skipped with a warning
+    /// (a reader then misses what only it lists, and says so per file);
+    /// only the store failing stops the load.
+    fn load_index_over(
+        &self,
+        base: Option<Index>,
+        purpose: IndexUse,
+        prefer: Option<&str>,
+    ) -> Result<Index> {
         // A prune may replace index objects while we read them: it writes the
         // consolidated index before deleting the old objects, so listing
         // again finds everything.
         let mut base = base;
         let mut attempt = 0;
         loop {
-            let ids = self.list_ids("index")?;
-            let listed: std::collections::HashSet<Id> = ids.iter().copied().collect();
+            let objects = self.list_objects(ObjectKind::Index)?;
+            let listed: std::collections::HashSet<Id> = objects.iter().map(|(id, _)| *id).collect();
             // (Taken, not cloned: a retry after an object vanished, which
             // only a prune causes, loads everything.)
             let builder = match base.take() {
                 Some(b) if b.covers().iter().all(|c| listed.contains(c)) => {
-                    crate::index::IndexBuilder::over(b)
+                    crate::index::IndexBuilder::over(b, purpose == IndexUse::Dedup)
                 }
                 _ => crate::index::IndexBuilder::new(),
             };
-            let ids: Vec<Id> = ids.into_iter().filter(|id| !builder.covers(id)).collect();
+            let objects: Vec<_> = objects
+                .into_iter()
+                .filter(|(id, _)| !builder.accounts_for(id))
+                .collect();
             // Each index object is merged as soon as it is parsed, so the
             // parsed objects are never all in memory at once.
             let builder = Mutex::new(builder);
-            let results =
-                crate::parallel::map(ids, crate::parallel::io_threads(self.backend()), |id| {
-                    let file = self.load_json::<IndexFile>("index", &id)?;
-                    builder
-                        .lock()
-                        .expect("index builder poisoned")
-                        .add_object(id, &file);
+            let results = crate::parallel::map(
+                objects,
+                crate::parallel::io_threads(self.backend()),
+                |(id, info)| {
+                    let (file, trust) = self.load_index_object(&id, Some(info.size))?;
+                    let mut b = builder.lock().expect("index builder poisoned");
+                    match self.tier_for(purpose, &trust, prefer) {
+                        Some(tier) => b.add_object(id, &file, tier),
+                        None => {
+                            if let crate::provenance::IndexTrust::Untrusted(why) = &trust {
+                                log::warn!("index/{id} is not trusted: {why}; it is skipped");
+                            }
+                            b.exclude(id);
+                        }
+                    }
                     Ok::<(), Error>(())
-                });
+                },
+            );
             let mut vanished = false;
             for r in results {
                 match r {
                     Ok(()) => {}
                     Err(Error::Missing { .. }) if attempt < 3 => vanished = true,
-                    Err(e) => return Err(e),
+                    Err(e @ (Error::Backend(_) | Error::NeedsFullKey { .. })) => return Err(e),
+                    Err(e) => log::warn!("{e}; its listings are skipped"),
                 }
             }
             if !vanished {
@@ -961,47 +1481,10 @@ impl Repository {
         }
     }
 
-    /// Loads every snapshot, oldest first.
-    pub fn snapshots(&self) -> Result<Vec<(Id, Snapshot)>> {
-        self.require_full_key("reading snapshots")?;
-        let ids = self.list_ids("snapshots")?;
-        let loaded = crate::parallel::map(
-            ids.clone(),
-            crate::parallel::io_threads(self.backend()),
-            |id| self.load_json::<Snapshot>("snapshots", &id),
-        );
-        let mut out = Vec::with_capacity(ids.len());
-        for (id, snap) in ids.into_iter().zip(loaded) {
-            out.push((id, snap?));
-        }
-        out.sort_by(|a, b| a.1.time.cmp(&b.1.time).then(a.0.cmp(&b.0)));
-        Ok(out)
-    }
-
-    /// Resolves `latest` or a unique ID prefix to a snapshot.
-    pub fn find_snapshot(&self, spec: &str) -> Result<(Id, Snapshot)> {
-        let snaps = self.snapshots()?;
-        if spec == "latest" {
-            return snaps
-                .into_iter()
-                .next_back()
-                .ok_or_else(|| Error::SnapshotNotFound(spec.to_string()));
-        }
-        let spec_lc = spec.to_ascii_lowercase();
-        let mut matching = snaps
-            .into_iter()
-            .filter(|(id, _)| id.to_hex().starts_with(&spec_lc));
-        match (matching.next(), matching.next()) {
-            (Some(found), None) if !spec.is_empty() => Ok(found),
-            (Some(_), Some(_)) => Err(Error::AmbiguousSnapshot(spec.to_string())),
-            _ => Err(Error::SnapshotNotFound(spec.to_string())),
-        }
-    }
-
     /// Reads, verifies and decrypts a whole pack.
     pub fn read_pack(&self, id: &Id) -> Result<Vec<u8>> {
         let what = || format!("pack {}", id.short());
-        let (bytes, intact) = self.get_named(&pack_key(id), id, &what)?;
+        let (bytes, intact) = self.get_named(&pack_key(id), id, self.max_pack(), &what)?;
         if !intact {
             return Err(Error::corrupt(
                 what(),
@@ -1023,7 +1506,7 @@ impl Repository {
     pub fn open_pack(&self, id: &Id) -> Result<PackRead> {
         let key = self.master_key("reading packs")?;
         let what = || format!("pack {}", id.short());
-        let (bytes, intact) = self.get_named(&pack_key(id), id, &what)?;
+        let (bytes, intact) = self.get_named(&pack_key(id), id, self.max_pack(), &what)?;
         if intact {
             let reader = key.decrypt_stream(bytes, &what)?;
             return Ok(PackRead::Stream(PackStream { reader }));
@@ -1038,7 +1521,7 @@ impl Repository {
     pub fn read_pack_salvage(&self, id: &Id) -> Result<SalvagedPack> {
         let key = self.master_key("reading packs")?;
         let what = || format!("pack {}", id.short());
-        let (bytes, intact) = self.get_named(&pack_key(id), id, &what)?;
+        let (bytes, intact) = self.get_named(&pack_key(id), id, self.max_pack(), &what)?;
         if intact {
             if let Ok(plain) = key.decrypt(&bytes, &what) {
                 return Ok(SalvagedPack {
@@ -1054,10 +1537,55 @@ impl Repository {
     /// Reads one blob, verifying it against its ID. Packs are cached, so
     /// walking many trees of one pack decrypts the pack once, and damaged
     /// packs are salvaged, so one bad segment costs only the blobs in it.
+    /// Every location the index knows is tried, best first, until one
+    /// verifies: a damaged copy, or a listing that names a blob where there
+    /// is none, costs a warning when another copy is intact.
     pub fn read_blob(&self, index: &Index, id: &Id) -> Result<Vec<u8>> {
-        let (pack, loc) = index.get(id).ok_or_else(|| Error::Missing {
-            object: format!("blob {}", id.short()),
-        })?;
+        let kind = index.get(id).map_or(BlobKind::Data, |(p, _)| p.kind);
+        self.read_blob_of(index, id, kind)
+    }
+
+    /// [`Self::read_blob`] of a blob known to be of `kind`: locations in
+    /// packs of another kind are not tried.
+    fn read_blob_of(&self, index: &Index, id: &Id, kind: BlobKind) -> Result<Vec<u8>> {
+        let mut first_error = None;
+        for (pack, loc) in index.locations(id).filter(|(p, _)| p.kind == kind) {
+            match self.read_blob_at(pack, loc, id) {
+                Ok(data) => {
+                    if let Some(e) = &first_error {
+                        log::warn!(
+                            "{e}; read an intact copy from pack {} instead",
+                            pack.id.short()
+                        );
+                    }
+                    return Ok(data);
+                }
+                Err(e @ Error::Backend(_)) => return Err(e),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.unwrap_or_else(|| Error::Missing {
+            object: format!(
+                "{} blob {}",
+                if kind == BlobKind::Tree {
+                    "tree"
+                } else {
+                    "data"
+                },
+                id.short()
+            ),
+        }))
+    }
+
+    /// Reads and verifies the blob `id` at one location.
+    fn read_blob_at(
+        &self,
+        pack: &crate::index::PackInfo,
+        loc: crate::index::BlobLocation,
+        id: &Id,
+    ) -> Result<Vec<u8>> {
         let cached = self
             .pack_cache
             .lock()
@@ -1098,23 +1626,22 @@ impl Repository {
 
     /// Loads and validates a tree.
     pub fn load_tree(&self, index: &Index, id: &Id) -> Result<Tree> {
-        if let Some((pack, _)) = index.get(id) {
-            if pack.kind != BlobKind::Tree {
-                return Err(Error::corrupt(
-                    format!("tree {}", id.short()),
-                    "stored as a data blob",
-                ));
-            }
-        }
-        let bytes = self.read_blob(index, id)?;
+        let bytes = self.read_blob_of(index, id, BlobKind::Tree)?;
         Tree::from_bytes(&bytes).map_err(|e| Error::corrupt(format!("tree {}", id.short()), e))
     }
 }
 
 fn load_key_file(backend: &dyn Backend, key: &str) -> Result<KeyFile> {
     let mut attempt = 0;
+    let limit = crate::object::MAX_SMALL_OBJECT;
     loop {
-        let bytes = backend.get(key, None)?;
+        let bytes = backend.get(key, Some(0..limit + 1))?;
+        if bytes.len() as u64 > limit {
+            return Err(Error::corrupt(
+                key.to_string(),
+                "it is larger than any key file lifeboat writes (64 KiB)",
+            ));
+        }
         match serde_json::from_slice(&bytes) {
             Ok(file) => return Ok(file),
             // Read again before calling it damaged (see `get_named`).
@@ -1247,22 +1774,17 @@ mod tests {
         let mut config = repo.config().clone();
         config.version = 1;
         config.index_recipient = None;
+        config.admin_key = None;
         config.mac = repo.master_key("test").unwrap().mac(&config.mac_input());
         mem.corrupt("config", serde_json::to_vec(&config).unwrap());
         let repo = Repository::open(b, "pw").unwrap();
         assert_eq!(repo.config().version, 1);
         let id = repo
-            .save_json(
-                "index",
-                &crate::index::IndexFile {
-                    version: 1,
-                    packs: vec![],
-                },
-            )
+            .save(ObjectKind::Index, &crate::index::IndexFile::of(vec![]))
             .unwrap();
-        repo.load_json::<crate::index::IndexFile>("index", &id)
+        repo.load::<crate::index::IndexFile>(ObjectKind::Index, &id)
             .unwrap();
-        let err = repo.writer_key().unwrap_err();
+        let err = repo.writer_key(None).unwrap_err();
         assert!(
             err.to_string().contains("predates writer credentials"),
             "{err}"

@@ -285,6 +285,13 @@ fn temp_path(final_path: &Path) -> PathBuf {
     final_path.with_file_name(name)
 }
 
+/// True for a name of the form [`temp_path`] makes: a snapshot entry of
+/// such a name is refused, so no entry can lie in wait for a file's
+/// temporary name (a FIFO there used to hang the restore).
+fn is_temp_name(name: &[u8]) -> bool {
+    name.starts_with(TEMP_PREFIX.as_bytes()) && name.ends_with(b".tmp")
+}
+
 /// An error reaching `path`, with the way out when the path is longer
 /// than the kernel takes (`PATH_MAX`): a snapshot path that fitted where
 /// it was backed up may not fit below a deep target.
@@ -424,7 +431,7 @@ fn copy_to_named(file: &File, temp: &Path) -> std::io::Result<File> {
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(temp)?;
     let len = file.metadata()?.len();
     copy.set_len(len)?;
@@ -471,7 +478,17 @@ fn link_fd(file: &File, to: &Path, nameless: &Nameless) -> std::io::Result<()> {
 type Places = Vec<(usize, u64)>;
 
 /// For one pack: each needed blob, its location, and every place it goes.
-type PackPlan = HashMap<Id, (BlobLocation, Places)>;
+type PackPlan = HashMap<Id, BlobPlan>;
+
+/// One blob a pack is read for.
+struct BlobPlan {
+    loc: BlobLocation,
+    places: Places,
+    /// Packs whose copy of it failed already (it is being read from
+    /// another copy): its pieces are then written whole, zeros too, over
+    /// whatever the failed copy left.
+    tried: Vec<u32>,
+}
 
 struct FileJob {
     entry: usize,
@@ -542,17 +559,36 @@ impl Batch<'_> {
             Some(f) => (f, Created::Anonymous),
             None => {
                 let mut o = OpenOptions::new();
-                o.write(true).custom_flags(libc::O_NOFOLLOW);
+                // Never follows a link, never blocks on a FIFO, and a
+                // fresh file is made anew (a leftover under the name is
+                // removed first): the name is predictable, so what holds
+                // it must not be trusted.
+                o.write(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
                 if fresh {
-                    o.create(true).truncate(true).mode(0o600);
+                    o.create_new(true).mode(0o600);
                 }
                 // The temporary name is derived again rather than stored: a
                 // path per file held for the whole batch was a tenth of its
                 // memory.
                 let temp = temp_path(&path);
+                if fresh {
+                    match std::fs::remove_file(&temp) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            return Err(std::io::Error::new(e.kind(), explain(&temp, &e)))
+                        }
+                        _ => {}
+                    }
+                }
                 let f = o
                     .open(&temp)
                     .map_err(|e| std::io::Error::new(e.kind(), explain(&temp, &e)))?;
+                if !f.metadata()?.is_file() {
+                    return Err(std::io::Error::other(format!(
+                        "{} is not a regular file",
+                        temp.display()
+                    )));
+                }
                 (f, Created::Named)
             }
         };
@@ -631,6 +667,17 @@ impl Batch<'_> {
                 let _ = std::fs::remove_file(&temp);
             }
         }
+    }
+
+    /// Gives up a worker's handle on a file whose blob is to be read from
+    /// another copy, by another worker: a nameless file (one blob, so it
+    /// holds nothing else) goes with its handle and is made afresh.
+    fn drop_handle(&self, j: usize, handle: Option<File>) {
+        let mut created = self.jobs[j].created.lock().expect("poisoned");
+        if *created == Created::Anonymous {
+            *created = Created::No;
+        }
+        drop(handle);
     }
 
     /// Marks a file failed (the first reason stands).
@@ -888,6 +935,18 @@ impl<'a> Restorer<'a, '_> {
             }
             return Ok(());
         }
+        if is_temp_name(&node.name.0) {
+            if node.kind == NodeKind::Dir {
+                self.excluded.push(path.to_vec());
+            }
+            self.report.failures.push(RestoreFailure {
+                path: String::from_utf8_lossy(path).into_owned(),
+                reason: format!(
+                    "its name has the form of lifeboat's temporary files ({TEMP_PREFIX}*.tmp), so it is not restored (nothing below it either)"
+                ),
+            });
+            return Ok(());
+        }
         // Below a directory this restore created, nothing can be in the
         // way (names are unique within a tree).
         let fresh = self
@@ -1112,29 +1171,31 @@ impl<'a> Restorer<'a, '_> {
         }
 
         let mut by_pack: HashMap<u32, PackPlan> = HashMap::new();
-        // (job, missing blob, how many of the file's blobs were not placed).
-        let mut missing: Vec<(usize, Id, usize)> = Vec::new();
+        // (job, why it cannot be planned).
+        let mut refused: Vec<(usize, String)> = Vec::new();
         for (j, job) in jobs.iter().enumerate() {
-            let mut offset = 0u64;
-            let content = &entries[job.entry].node.content;
-            for (i, id) in content.iter().enumerate() {
-                match self.index.get(id) {
-                    Some((_, loc)) => {
-                        by_pack
-                            .entry(loc.pack)
-                            .or_default()
-                            .entry(*id)
-                            .or_insert_with(|| (loc, Vec::new()))
-                            .1
-                            .push((j, offset));
-                        offset += loc.raw_length as u64;
-                    }
-                    None => {
-                        missing.push((j, *id, content.len() - i));
-                        // Without the blob we do not know its length; the file fails anyway.
-                        break;
-                    }
+            let node = &entries[job.entry].node;
+            let locations = match plan_file(self.index, node) {
+                Ok(l) => l,
+                Err(why) => {
+                    refused.push((j, why));
+                    continue;
                 }
+            };
+            let mut offset = 0u64;
+            for (id, loc) in node.content.iter().zip(locations) {
+                by_pack
+                    .entry(loc.pack)
+                    .or_default()
+                    .entry(*id)
+                    .or_insert_with(|| BlobPlan {
+                        loc,
+                        places: Vec::new(),
+                        tried: Vec::new(),
+                    })
+                    .places
+                    .push((j, offset));
+                offset += loc.raw_length as u64;
             }
         }
         let batch = Arc::new(Batch {
@@ -1147,11 +1208,11 @@ impl<'a> Restorer<'a, '_> {
             warnings: Mutex::new(Vec::new()),
             nameless: self.nameless.clone(),
         });
-        for &(j, id, unplaced) in &missing {
-            batch.fail(j, format!("blob {} is missing from the index", id.short()));
-            // The blobs never handed to a pack count down here, so the file
-            // still finalizes (as failed) once the placed ones are written.
-            for _ in 0..unplaced {
+        for (j, why) in refused {
+            batch.fail(j, why);
+            // None of its blobs was handed to a pack: they count down here,
+            // so the file finalizes (as failed, leaving nothing behind).
+            for _ in 0..batch.entries[batch.jobs[j].entry].node.content.len() {
                 batch.blob_done(j, None);
             }
         }
@@ -1168,7 +1229,7 @@ impl<'a> Restorer<'a, '_> {
         let mut by_pack: Vec<(u32, PackPlan)> = by_pack.into_iter().collect();
         by_pack.sort_by_cached_key(|(_, plan)| {
             plan.values()
-                .flat_map(|(_, targets)| targets.iter().map(|&(j, _)| j))
+                .flat_map(|b| b.places.iter().map(|&(j, _)| j))
                 .max()
         });
         for (pack, plan) in by_pack {
@@ -1395,19 +1456,28 @@ impl<'a> Restorer<'a, '_> {
     }
 }
 
+/// What every pack worker shares.
+struct Workers<'a, 'q> {
+    repo: &'a Repository,
+    index: &'a Index,
+    queue: &'q Queue<'a>,
+    time: &'q WorkerTime,
+}
+
+/// A pack worker's own decoder and hasher, reused for every blob.
+struct WorkerState {
+    decoder: Option<FrameDecoder>,
+    hasher: blake3::Hasher,
+}
+
 /// A pack worker: takes packs from the queue until it closes.
-fn pack_worker(
-    repo: &Repository,
-    index: &Index,
-    queue: &Queue<'_>,
-    done: &mpsc::Sender<()>,
-    stop: &AtomicBool,
-    time: &WorkerTime,
-) {
+fn pack_worker(w: &Workers<'_, '_>, done: &mpsc::Sender<()>, stop: &AtomicBool) {
+    let (repo, index, queue) = (w.repo, w.index, w.queue);
     let _alarm = PanicAlarm { stop, done };
-    // One decoder and hasher per thread, reused for every blob.
-    let mut decoder = FrameDecoder::new().ok();
-    let mut hasher = repo.ids().blob_hasher();
+    let mut state = WorkerState {
+        decoder: FrameDecoder::new().ok(),
+        hasher: repo.ids().blob_hasher(),
+    };
     // The pack this worker holds, and its bytes.
     let mut held: Option<(u32, Option<PackSource>)> = None;
     while let Some(work) = queue.next(held.as_ref().map(|(pack, _)| *pack)) {
@@ -1432,36 +1502,25 @@ fn pack_worker(
             .as_ref()
             .is_some_and(|c| c.load(Ordering::Relaxed));
         if !stop.load(Ordering::Relaxed) && !cancelled {
-            restore_pack(
-                repo,
-                index,
-                &batches,
-                work.pack,
-                plans,
-                source,
-                &mut decoder,
-                &mut hasher,
-                time,
-            );
+            restore_pack(w, &mut state, &batches, work.pack, plans, source);
         }
     }
 }
 
 /// Writes every blob the batches need from one pack to every place it goes
 /// (`plans[i]` is what `batches[i]` needs). The pack is opened into
-/// `source` unless it already was.
-#[allow(clippy::too_many_arguments)]
-fn restore_pack(
-    repo: &Repository,
-    index: &Index,
-    batches: &[Arc<Batch<'_>>],
+/// `source` unless it already was. A blob whose copy here fails is read
+/// from another copy the index knows, where there is one.
+fn restore_pack<'a>(
+    w: &Workers<'a, '_>,
+    state: &mut WorkerState,
+    batches: &[Arc<Batch<'a>>],
     pack_pos: u32,
     plans: Vec<PackPlan>,
     source: &mut Option<PackSource>,
-    decoder: &mut Option<FrameDecoder>,
-    hasher: &mut blake3::Hasher,
-    time: &WorkerTime,
 ) {
+    let (repo, index, time) = (w.repo, w.index, w.time);
+    let (decoder, hasher) = (&mut state.decoder, &mut state.hasher);
     let add_ns = |counter: &AtomicU64, since: std::time::Instant| {
         counter.fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
     };
@@ -1477,18 +1536,16 @@ fn restore_pack(
     add_ns(&time.fetch_ns, fetch_start);
     // Every blob of every part, in offset order. A blob two batches both
     // need (rare) is decoded once for each.
-    let mut blobs: Vec<(usize, Id, BlobLocation, Places)> = plans
+    let mut blobs: Vec<(usize, Id, BlobPlan)> = plans
         .into_iter()
         .enumerate()
-        .flat_map(|(b, plan)| {
-            plan.into_iter()
-                .map(move |(id, (loc, targets))| (b, id, loc, targets))
-        })
+        .flat_map(|(b, plan)| plan.into_iter().map(move |(id, blob)| (b, id, blob)))
         .collect();
-    blobs.sort_unstable_by_key(|(_, _, loc, _)| loc.offset);
+    blobs.sort_unstable_by_key(|(_, _, blob)| blob.loc.offset);
     let mut files: HashMap<(usize, usize), File> = HashMap::new();
-    for (b, id, loc, targets) in blobs {
+    for (b, id, blob) in blobs {
         let batch = &batches[b];
+        let (loc, targets, dense) = (blob.loc, &blob.places, !blob.tried.is_empty());
         let blob_start = std::time::Instant::now();
         let mut write_time = std::time::Duration::ZERO;
         let mut written: u64;
@@ -1503,7 +1560,7 @@ fn restore_pack(
             let mut sink = |at: u64, piece: &[u8]| {
                 hasher.update(piece);
                 let start = std::time::Instant::now();
-                for &(j, offset) in &targets {
+                for &(j, offset) in targets {
                     // Handles are kept for reuse up to a limit; a blob that
                     // many files share (copies of one file) would otherwise
                     // hold one descriptor per copy at once.
@@ -1518,7 +1575,7 @@ fn restore_pack(
                     } else {
                         batch.open_temp(j, false).map(|f| &*transient.insert(f))
                     };
-                    let sparse = batch.entries[batch.jobs[j].entry].node.sparse;
+                    let sparse = !dense && batch.entries[batch.jobs[j].entry].node.sparse;
                     match file.and_then(|f| write_blob(f, piece, offset + at, sparse)) {
                         Ok(n) => written += n,
                         Err(e) => write_errors.push((j, format!("write failed: {e}"))),
@@ -1574,7 +1631,16 @@ fn restore_pack(
                 pack.id.short()
             )
         });
-        for (j, _) in targets {
+        if let Some(reason) = &corrupt {
+            if let Some(next) = other_copy(index, &id, &blob, pack_pos) {
+                for &(j, _) in targets {
+                    batch.drop_handle(j, files.remove(&(b, j)));
+                }
+                read_elsewhere(w.queue, batch, pack_pos, id, blob, next, reason);
+                continue;
+            }
+        }
+        for &(j, _) in targets {
             if let Some(reason) = &corrupt {
                 batch.fail(j, reason.clone());
             }
@@ -1590,17 +1656,90 @@ fn restore_pack(
     }
 }
 
+/// Where each blob of a file is, checked against the size the file
+/// declares before anything is written: a node that lists one 64 KiB blob
+/// a hundred times and declares 0 bytes would otherwise write 6.5 MB (and
+/// a drill's disk cap counts declared sizes).
+fn plan_file(index: &Index, node: &Node) -> std::result::Result<Vec<BlobLocation>, String> {
+    let mut locations = Vec::with_capacity(node.content.len());
+    let mut total = 0u64;
+    for id in &node.content {
+        let Some((_, loc)) = index.get(id) else {
+            return Err(format!("blob {} is missing from the index", id.short()));
+        };
+        if loc.raw_length > crate::pack::MAX_BLOB {
+            return Err(format!(
+                "blob {} is said to be implausibly large",
+                id.short()
+            ));
+        }
+        total += loc.raw_length as u64;
+        locations.push(loc);
+    }
+    if total != node.size {
+        return Err(format!(
+            "it declares {} bytes but its {} blob(s) hold {total}: the snapshot is inconsistent (or hostile), so nothing of this file was written",
+            node.size,
+            node.content.len()
+        ));
+    }
+    Ok(locations)
+}
+
+/// Another location of blob `id` than the packs `blob` was tried in and
+/// `failed_in`, with the same plaintext length (the ID fixes the content,
+/// so a copy of another length is false).
+fn other_copy(
+    index: &Index,
+    id: &Id,
+    blob: &BlobPlan,
+    failed_in: u32,
+) -> Option<(Id, BlobLocation)> {
+    index
+        .locations(id)
+        .find(|(p, l)| {
+            p.kind == crate::pack::BlobKind::Data
+                && l.raw_length == blob.loc.raw_length
+                && l.pack != failed_in
+                && !blob.tried.contains(&l.pack)
+        })
+        .map(|(p, l)| (p.id, l))
+}
+
+/// Queues blob `id` (whose copy in pack `failed_in` failed for `reason`)
+/// to be read from its copy at `next`, and says so in the report.
+fn read_elsewhere<'a>(
+    queue: &Queue<'a>,
+    batch: &Arc<Batch<'a>>,
+    failed_in: u32,
+    id: Id,
+    mut blob: BlobPlan,
+    (next_pack, loc): (Id, BlobLocation),
+    reason: &str,
+) {
+    batch.warnings.lock().expect("poisoned").push(format!(
+        "{reason}; restored from its copy in pack {} instead",
+        next_pack.short()
+    ));
+    blob.tried.push(failed_in);
+    blob.loc = loc;
+    // Counted before the part exists, so the batch never looks complete
+    // in between.
+    batch.packs_left.fetch_add(1, Ordering::AcqRel);
+    queue.push(batch, loc.pack, HashMap::from([(id, blob)]));
+}
+
 /// Restores a snapshot's tree into `opts.target`.
 pub fn restore(
     repo: &Repository,
-    snapshot_tree: &Id,
+    snapshot: &crate::tree::Snapshot,
     opts: &RestoreOptions,
 ) -> Result<RestoreReport> {
     repo.require_full_key("restore")?;
     let clock = std::time::Instant::now();
     let index = match &opts.index_cache {
-        Some(dir) => repo.load_index_reusing_cache(dir)?,
-        None => repo.load_index()?,
+        Some(dir) => repo.load_index_reusing_cache(dir, Some(&snapshot.host))?,
+        None => repo.load_index_for_host(&snapshot.host)?,
     };
     let filter = Filter::new(opts)?;
     repo.clear_pack_cache();
@@ -1612,11 +1751,18 @@ pub fn restore(
     let stop = AtomicBool::new(false);
     let time = WorkerTime::default();
     let mut unreadable: Vec<RestoreFailure> = Vec::new();
+    let workers = Workers {
+        repo,
+        index: &index,
+        queue: &queue,
+        time: &time,
+    };
     let outcome = std::thread::scope(|s| {
+        let workers = &workers;
         for _ in 0..crate::parallel::pack_threads(repo.backend()) {
             let done = done_tx.clone();
-            let (index, queue, stop, time) = (&index, &queue, &stop, &time);
-            s.spawn(move || pack_worker(repo, index, queue, &done, stop, time));
+            let stop = &stop;
+            s.spawn(move || pack_worker(workers, &done, stop));
         }
         drop(done_tx);
         let mut restorer = Restorer {
@@ -1651,7 +1797,7 @@ pub fn restore(
         let walked = crate::walk::walk_tolerant(
             repo,
             &index,
-            snapshot_tree,
+            snapshot,
             &mut |path, node| restorer.visit(path, node),
             &mut |dir, e| {
                 unreadable.push(RestoreFailure {
@@ -1787,18 +1933,26 @@ fn apply_meta(path: &Path, node: &Node, is_root: bool, warnings: &mut Vec<String
 }
 
 /// Writes the content of the file at `path` in a snapshot to `out`.
-pub fn dump(repo: &Repository, root: &Id, path: &str, out: &mut dyn std::io::Write) -> Result<u64> {
-    let index = repo.load_index()?;
-    let node = crate::walk::find(repo, &index, root, path.as_bytes())?.ok_or_else(|| {
-        Error::Invalid(format!(
-            "{path:?} is not in the snapshot (see `lifeboat ls`)"
-        ))
-    })?;
+pub fn dump(
+    repo: &Repository,
+    snapshot: &crate::tree::Snapshot,
+    path: &str,
+    out: &mut dyn std::io::Write,
+) -> Result<u64> {
+    let index = repo.load_index_for_host(&snapshot.host)?;
+    let node =
+        crate::walk::find(repo, &index, &snapshot.tree, path.as_bytes())?.ok_or_else(|| {
+            Error::Invalid(format!(
+                "{path:?} is not in the snapshot (see `lifeboat ls`)"
+            ))
+        })?;
     if node.kind != NodeKind::File {
         return Err(Error::Invalid(format!(
             "{path:?} is not a regular file; use `lifeboat restore --include` for directories"
         )));
     }
+    // The file's declared size must be what its blobs hold, as for restore.
+    plan_file(&index, &node).map_err(|why| Error::corrupt(format!("file {path:?}"), why))?;
     let mut n = 0u64;
     for id in &node.content {
         let data = repo.read_blob(&index, id)?;

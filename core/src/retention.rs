@@ -191,10 +191,11 @@ pub fn parse_within(s: &str) -> Result<Duration, RetentionError> {
 ///
 /// Groups come back sorted by host, paths and tags; decisions within a group
 /// come newest first, ties broken by id. `tz` decides where hour, day, week,
-/// month and year boundaries fall. `within` is measured from the newest
-/// snapshot in each group rather than from `now`, as restic does, so a repo
-/// that has not been backed up for a while does not lose its recent history;
-/// `now` is accepted so callers need not change if that ever becomes optional.
+/// month and year boundaries fall. `within` is measured from `now` (restic
+/// measures it from each group's newest snapshot, which a snapshot dated in
+/// the future could move: callers leave such snapshots out, and `within`
+/// counting from now keeps them from mattering even if they did not).
+/// Locks are judged by `now` too.
 ///
 /// Bucket rules follow restic's classic walk. Restic 0.16 and later (PR #4366)
 /// also keep a group's oldest snapshot while a rule still has unused buckets;
@@ -286,12 +287,12 @@ fn decide_group<Tz: TimeZone>(
             })
         })
         .collect();
-    // A cutoff that underflows the calendar means "keep everything".
-    let within = match (policy.within, members.first()) {
-        (Some(d), Some(newest)) if d > Duration::zero() => Some((
-            newest
-                .time
-                .checked_sub_signed(d)
+    // Counted from now, not from the group's newest snapshot: a snapshot
+    // dated in the future (a forgery, or a clock far ahead) must not move
+    // the window. A cutoff that underflows the calendar keeps everything.
+    let within = match policy.within {
+        Some(d) if d > Duration::zero() => Some((
+            now.checked_sub_signed(d)
                 .unwrap_or(DateTime::<Utc>::MIN_UTC),
             format!("within {}", format_duration(d)),
         )),
@@ -541,17 +542,24 @@ mod tests {
     }
 
     #[test]
-    fn within_is_measured_from_the_newest_snapshot_not_now() {
+    fn within_counts_from_now_so_a_future_dated_snapshot_cannot_move_the_window() {
+        let now = at(2020, 6, 10, 0, 0);
         let snaps = [
-            snap("new", at(2020, 6, 10, 0, 0)),
+            snap("forged", at(2099, 1, 1, 0, 0)),
             snap("3d", at(2020, 6, 7, 0, 0)),
             snap("7d", at(2020, 6, 3, 0, 0)),
             snap("8d", at(2020, 6, 2, 0, 0)),
         ];
         let policy = rules(|p| p.within = Some(parse_within("7d").unwrap()));
-        // `run` passes the real clock as `now`, years after these snapshots.
-        assert_eq!(kept(&snaps, &policy, &Utc), ["new", "3d", "7d"]);
-        assert_eq!(run(&snaps, &policy, &Utc)[0].1, ["within 7d"]);
+        let groups = apply_policy(&snaps, &policy, GroupBy::host_and_paths(), now, &Utc).unwrap();
+        let kept: Vec<&str> = groups[0]
+            .decisions
+            .iter()
+            .filter(|d| d.keep)
+            .map(|d| d.id.as_str())
+            .collect();
+        // Counted from the 2099 snapshot, the window would keep nothing real.
+        assert_eq!(kept, ["forged", "3d", "7d"]);
     }
 
     #[test]

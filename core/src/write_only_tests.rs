@@ -16,6 +16,7 @@ use crate::backup::{backup, BackupOptions, Progress};
 use crate::check::{check, CheckOptions};
 use crate::crypto::WriterKey;
 use crate::index::{IndexFile, IndexPack};
+use crate::object::ObjectKind;
 use crate::pack::{BlobEncoder, BlobKind, PackBuilder};
 use crate::prune::{prune, PruneOptions};
 use crate::repo::{pack_key, InitOptions, LockPolicy, Repository};
@@ -75,7 +76,7 @@ fn a_writer_backs_up_with_dedup_reads_nothing_and_the_full_key_restores_it() {
     backup_of(&full, &src, None).unwrap();
 
     // The credential survives its file format.
-    let file = full.writer_key().unwrap().to_file();
+    let file = full.writer_key(Some("writer")).unwrap().to_file();
     let writer_key = WriterKey::from_file(&file, "writer.key").unwrap();
     let writer = Repository::open_writer(store.clone(), writer_key.clone()).unwrap();
     assert!(writer.is_write_only());
@@ -106,16 +107,18 @@ fn a_writer_backs_up_with_dedup_reads_nothing_and_the_full_key_restores_it() {
 
     // Everything that reads or deletes needs the full key.
     assert!(needs_full_key(writer.snapshots()));
-    assert!(needs_full_key(writer.find_snapshot("latest")));
+    assert!(needs_full_key(
+        writer.find_snapshot("latest", &Default::default())
+    ));
     assert!(needs_full_key(writer.list_keys()));
     assert!(needs_full_key(writer.add_key("other", 10)));
-    assert!(needs_full_key(writer.writer_key()));
+    assert!(needs_full_key(writer.writer_key(Some("writer"))));
     assert!(needs_full_key(check(&writer, &CheckOptions::default())));
     assert!(needs_full_key(prune(&writer, &PruneOptions::default())));
     let target = tmp.path().join("target");
     assert!(needs_full_key(restore(
         &writer,
-        &first.snapshot.tree,
+        &first.snapshot,
         &RestoreOptions {
             target: target.clone(),
             ..Default::default()
@@ -159,7 +162,7 @@ fn a_writer_backs_up_with_dedup_reads_nothing_and_the_full_key_restores_it() {
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     restore(
         &full,
-        &first.snapshot.tree,
+        &first.snapshot,
         &RestoreOptions {
             target: target.clone(),
             ..Default::default()
@@ -224,7 +227,8 @@ fn a_writer_backs_up_and_extends_locks_without_ever_deleting() {
     let (mem, repo) = locked_repo();
     backup_of(&repo, &src, None).unwrap();
     let writer_store: Arc<dyn Backend> = Arc::new(NoDelete(mem.clone()));
-    let writer = Repository::open_writer(writer_store, repo.writer_key().unwrap()).unwrap();
+    let writer =
+        Repository::open_writer(writer_store, repo.writer_key(Some("writer")).unwrap()).unwrap();
     std::fs::write(src.join("more.txt"), "more\n".repeat(1000)).unwrap();
     let report = backup_of(&writer, &src, None).unwrap();
     assert!(report.snapshot.locked_until.is_some());
@@ -251,7 +255,7 @@ fn a_writer_refuses_another_repository_and_a_config_altered_in_any_way() {
     let b: Arc<dyn Backend> = Arc::new(LocalBackend::new(tmp.path().join("b")));
     let repo_a = Repository::init(a.clone(), "pw", &opts(None)).unwrap();
     Repository::init(b.clone(), "pw", &opts(None)).unwrap();
-    let key = repo_a.writer_key().unwrap();
+    let key = repo_a.writer_key(Some("writer")).unwrap();
     let err = Repository::open_writer(b, key.clone()).unwrap_err();
     assert!(err.to_string().contains("belongs to repository"), "{err}");
 
@@ -285,7 +289,8 @@ fn a_forged_index_listing_a_pack_without_its_blobs_hides_nothing_from_restore_or
     let report = backup_of(&full, &src, None).unwrap();
     // A writer (all an attacker on a backup host holds) lists every pack
     // again, with no blobs.
-    let writer = Repository::open_writer(store.clone(), full.writer_key().unwrap()).unwrap();
+    let writer =
+        Repository::open_writer(store.clone(), full.writer_key(Some("writer")).unwrap()).unwrap();
     let index = writer.load_index().unwrap();
     let forged: Vec<IndexPack> = index
         .packs()
@@ -299,13 +304,7 @@ fn a_forged_index_listing_a_pack_without_its_blobs_hides_nothing_from_restore_or
         })
         .collect();
     writer
-        .save_json(
-            "index",
-            &IndexFile {
-                version: 1,
-                packs: forged,
-            },
-        )
+        .save(ObjectKind::Index, &IndexFile::of(forged))
         .unwrap();
     assert_eq!(full.load_index().unwrap().len(), index.len());
     let pruned = prune(
@@ -321,7 +320,7 @@ fn a_forged_index_listing_a_pack_without_its_blobs_hides_nothing_from_restore_or
     let target = tmp.path().join("target");
     restore(
         &full,
-        &report.snapshot.tree,
+        &report.snapshot,
         &RestoreOptions {
             target: target.clone(),
             ..Default::default()
@@ -415,18 +414,15 @@ fn prune_never_tries_to_delete_a_locked_pack_and_says_when_it_can() {
         repo.put_object(&pack_key(&id), ct.clone(), Some(&retention))
             .unwrap();
         if i == 0 {
-            repo.save_json_retained(
-                "index",
-                &IndexFile {
-                    version: 1,
-                    packs: vec![IndexPack {
-                        id,
-                        kind: BlobKind::Data,
-                        size: ct.len() as u64,
-                        blobs: header.blobs,
-                        locked_until: Some(retention.until),
-                    }],
-                },
+            repo.save_retained(
+                ObjectKind::Index,
+                &IndexFile::of(vec![IndexPack {
+                    id,
+                    kind: BlobKind::Data,
+                    size: ct.len() as u64,
+                    blobs: header.blobs,
+                    locked_until: Some(retention.until),
+                }]),
                 Some(&retention),
             )
             .unwrap();

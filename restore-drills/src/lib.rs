@@ -20,16 +20,15 @@ pub mod report;
 mod tests;
 
 use std::collections::HashSet;
-use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use lifeboat_core::restore::{restore, RestoreOptions};
-use lifeboat_core::{Id, Node, NodeKind, Repository, Snapshot};
+use lifeboat_core::{Id, Listed, Node, NodeKind, ObjectKind, Repository, Selector, Snapshot};
 use rand::seq::SliceRandom;
 
 use crate::render::human_bytes as bytes;
@@ -150,13 +149,13 @@ pub fn run(repo: &Repository, spec: &DrillSpec, host: &str, cancel: &AtomicBool)
         history: Vec::new(),
     };
     let deadline = Instant::now() + spec.time_limit;
-    let result = drill(repo, spec, &mut report, deadline, cancel);
+    let result = drill(repo, spec, host, &mut report, deadline, cancel);
     if let Err((outcome, why)) = result {
         report.outcome = outcome;
         report.summary = Some(why);
     }
     report.finished = Utc::now();
-    match repo.save_json("drills", &report) {
+    match repo.save(ObjectKind::Drill, &report) {
         Ok(id) => log::info!("drill report saved in the repository as drills/{id}"),
         Err(e) => log::warn!("drill report not saved in the repository: {e}"),
     }
@@ -169,32 +168,22 @@ fn refused(why: impl Into<String>) -> Failure {
     (DrillOutcome::Refused, why.into())
 }
 
+/// Chooses the snapshot, then restores, verifies and validates it.
 fn drill(
     repo: &Repository,
     spec: &DrillSpec,
+    host: &str,
     report: &mut DrillReport,
     deadline: Instant,
     cancel: &AtomicBool,
 ) -> Result<(), Failure> {
     // List: choose the snapshot and what to restore.
     let list_clock = Instant::now();
-    let snaps = repo
-        .snapshots()
-        .map_err(|e| refused(format!("cannot list snapshots: {e}")))?;
-    let ours: Vec<&(Id, Snapshot)> = snaps
-        .iter()
-        .filter(|(_, s)| spec.source_tag.is_empty() || s.tags.contains(&spec.source_tag))
-        .filter(|(_, s)| spec.host.as_ref().is_none_or(|h| s.host == *h))
-        .filter(|(_, s)| !s.incomplete)
-        .collect();
-    if let Some((_, newest)) = ours.last() {
-        report.rpo_seconds = Some((Utc::now() - newest.time).num_milliseconds() as f64 / 1000.0);
-    }
-    let (id, snap) = choose(&ours, &spec.snapshot).map_err(refused)?;
+    let (id, snap) = choose_snapshot(repo, spec, host, report)?;
     report.snapshot_id = Some(id.to_hex());
     report.snapshot_time = Some(snap.time);
     let index = repo
-        .load_index()
+        .load_index_for_host(&snap.host)
         .map_err(|e| refused(format!("cannot load the index: {e}")))?;
     let mut files: Vec<(String, u64)> = Vec::new();
     // A damaged tree is a finding, not a reason to stop: the rest of the
@@ -202,7 +191,7 @@ fn drill(
     lifeboat_core::walk::walk_tolerant(
         repo,
         &index,
-        &snap.tree,
+        &snap,
         &mut |path, node| {
             if node.kind == NodeKind::File {
                 files.push((slash_path(path), node.size));
@@ -257,7 +246,7 @@ fn drill(
     report.sandbox = sandbox.display().to_string();
 
     let outcome = restore_verify_validate(
-        repo, spec, report, &sandbox, &snap.tree, includes, total, deadline, cancel,
+        repo, spec, report, &sandbox, &snap, includes, total, deadline, cancel,
     );
     let cleanup_clock = Instant::now();
     if !spec.keep {
@@ -285,7 +274,7 @@ fn restore_verify_validate(
     spec: &DrillSpec,
     report: &mut DrillReport,
     sandbox: &Path,
-    tree: &Id,
+    tree: &Snapshot,
     includes: Vec<String>,
     snapshot_bytes: u64,
     deadline: Instant,
@@ -376,7 +365,7 @@ fn restore_verify_validate(
     let verify_clock = Instant::now();
     let failed: HashSet<String> = r.failures.iter().map(|f| f.path.clone()).collect();
     let index = repo
-        .load_index()
+        .load_index_for_host(&tree.host)
         .map_err(|e| (DrillOutcome::Failed, format!("cannot load the index: {e}")))?;
     let selected = |p: &str| -> bool {
         sandbox
@@ -513,29 +502,75 @@ fn restore_verify_validate(
     Ok(())
 }
 
-fn choose<'a>(
-    ours: &[&'a (Id, Snapshot)],
-    choice: &SnapshotChoice,
-) -> Result<(Id, &'a Snapshot), String> {
+/// The snapshot a drill restores: only among the verified, complete
+/// snapshots of the host it means (its spec's, else the drilling host's
+/// own) and of its source, never one dated in the future by the store's
+/// clock (it could be a forgery that would make the drill prove nothing).
+/// Records the RPO of the newest one.
+fn choose_snapshot(
+    repo: &Repository,
+    spec: &DrillSpec,
+    host: &str,
+    report: &mut DrillReport,
+) -> Result<(Id, Snapshot), Failure> {
+    let list = repo
+        .snapshots()
+        .map_err(|e| refused(format!("cannot list snapshots: {e}")))?;
+    for w in list.warnings() {
+        log::warn!("{w}");
+    }
+    let sel = Selector {
+        host: Some(spec.host.clone().unwrap_or_else(|| host.to_string())),
+        tags: if spec.source_tag.is_empty() {
+            Vec::new()
+        } else {
+            vec![spec.source_tag.clone()]
+        },
+        ..Selector::default()
+    };
+    let ours: Vec<&Listed> = list
+        .select(&sel)
+        .filter(|l| !l.snapshot.incomplete && !l.future)
+        .collect();
+    if let Some(newest) = ours.last() {
+        report.rpo_seconds =
+            Some((Utc::now() - newest.snapshot.time).num_milliseconds() as f64 / 1000.0);
+    }
+    choose(&ours, &spec.snapshot)
+        .map(|l| (l.id, l.snapshot.clone()))
+        .map_err(|why| {
+            refused(format!(
+                "{why}; looked among host {}'s snapshots{}",
+                sel.host.as_deref().unwrap_or_default(),
+                if spec.source_tag.is_empty() {
+                    String::new()
+                } else {
+                    format!(" tagged {}", spec.source_tag)
+                }
+            ))
+        })
+}
+
+fn choose<'a>(ours: &[&'a Listed], choice: &SnapshotChoice) -> Result<&'a Listed, String> {
     let found = match choice {
         SnapshotChoice::Latest => ours.last().copied(),
         SnapshotChoice::RandomWithin(window) => {
             let since = Utc::now() - chrono::Duration::from_std(*window).unwrap_or_default();
-            let recent: Vec<_> = ours.iter().filter(|(_, s)| s.time >= since).collect();
-            recent.choose(&mut rand::thread_rng()).map(|s| **s)
+            let recent: Vec<_> = ours.iter().filter(|l| l.snapshot.time >= since).collect();
+            recent.choose(&mut rand::thread_rng()).map(|l| **l)
         }
         SnapshotChoice::Given(prefix) => {
             let matching: Vec<_> = ours
                 .iter()
-                .filter(|(id, _)| id.to_hex().starts_with(prefix.as_str()))
+                .filter(|l| l.id.to_hex().starts_with(prefix.as_str()))
                 .collect();
             if matching.len() > 1 {
                 return Err(format!("snapshot prefix {prefix:?} is ambiguous"));
             }
-            matching.first().map(|s| **s)
+            matching.first().map(|l| **l)
         }
     };
-    found.map(|(id, s)| (*id, s)).ok_or_else(|| {
+    found.ok_or_else(|| {
         "no complete snapshot of the source matches (has it been backed up?)".to_string()
     })
 }
@@ -645,7 +680,9 @@ fn check_entry(path: &Path, node: &Node) -> Option<String> {
     None
 }
 
-/// Runs one validation command against the sandbox.
+/// Runs one validation command against the sandbox: its output is read
+/// while it runs (the last 8 KiB kept), and on its timeout its whole
+/// process group is stopped.
 fn validate(v: &Validation, sandbox: &Path, timeout: Duration) -> ValidationResult {
     let command = v
         .command
@@ -659,70 +696,18 @@ fn validate(v: &Validation, sandbox: &Path, timeout: Duration) -> ValidationResu
         output: String::new(),
         error: None,
     };
-    let out_file = match tempfile_in(sandbox) {
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args(["-c", &command]).current_dir(sandbox);
+    let finished = match lifeboat_core::child::run(&mut cmd, timeout, 8 * 1024) {
         Ok(f) => f,
-        Err(e) => {
-            result.error = Some(format!("cannot capture output: {e}"));
-            return result;
-        }
-    };
-    let child = Command::new("/bin/sh")
-        .args(["-c", &command])
-        .current_dir(sandbox)
-        .stdin(Stdio::null())
-        .stdout(
-            out_file
-                .0
-                .try_clone()
-                .map(Stdio::from)
-                .unwrap_or(Stdio::null()),
-        )
-        .stderr(
-            out_file
-                .0
-                .try_clone()
-                .map(Stdio::from)
-                .unwrap_or(Stdio::null()),
-        )
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
         Err(e) => {
             result.error = Some(format!("cannot start /bin/sh: {e}"));
             return result;
         }
     };
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if clock.elapsed() >= timeout => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => {
-                result.error = Some(e.to_string());
-                break None;
-            }
-        }
-    };
     result.seconds = clock.elapsed().as_secs_f64();
-    let mut text = String::new();
-    if let Ok(mut f) = std::fs::File::open(&out_file.1) {
-        let _ = f.read_to_string(&mut text);
-    }
-    let _ = std::fs::remove_file(&out_file.1);
-    const KEEP: usize = 8 * 1024;
-    if text.len() > KEEP {
-        let mut cut = text.len() - KEEP;
-        while !text.is_char_boundary(cut) {
-            cut += 1;
-        }
-        text = format!("[…]{}", &text[cut..]);
-    }
-    result.output = text;
-    match status {
+    result.output = finished.output;
+    match finished.status {
         Some(s) => {
             result.exit_code = s.code();
             result.passed = s.success();
@@ -730,29 +715,14 @@ fn validate(v: &Validation, sandbox: &Path, timeout: Duration) -> ValidationResu
                 result.error = Some(format!("exited with {s}"));
             }
         }
-        None if result.error.is_none() => {
+        None => {
             result.error = Some(format!(
                 "did not finish within {} and was killed",
                 render::human_duration(timeout.as_secs_f64())
             ));
         }
-        None => {}
     }
     result
-}
-
-/// A file for a command's output, beside (not inside) the sandbox.
-fn tempfile_in(sandbox: &Path) -> std::io::Result<(std::fs::File, PathBuf)> {
-    let dir = sandbox.parent().unwrap_or(sandbox);
-    let path = dir.join(format!(
-        ".lifeboat-validate-{}",
-        hex(&rand::random::<[u8; 8]>())
-    ));
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&path)?;
-    Ok((f, path))
 }
 
 fn free_space(dir: &Path) -> Option<u64> {
@@ -772,8 +742,12 @@ fn hex(b: &[u8]) -> String {
 /// Loads every drill report stored in the repository, oldest first.
 pub fn stored_reports(repo: &Repository) -> Result<Vec<DrillReport>, String> {
     let mut out = Vec::new();
-    for id in repo.list_ids("drills").map_err(|e| e.to_string())? {
-        match repo.load_json::<DrillReport>("drills", &id) {
+    for id in repo
+        .list_ids(ObjectKind::Drill)
+        .map_err(|e| e.to_string())?
+    {
+        // Only what a full-key host signed: a drill report is evidence.
+        match repo.load_admin::<DrillReport>(ObjectKind::Drill, &id) {
             Ok(r) => out.push(r),
             Err(e) => log::warn!("drill report {}: {e}", id.short()),
         }

@@ -95,7 +95,7 @@ fn a_drill_on_a_healthy_repository_passes_with_real_timings_and_counts() {
         command: "find {restore_dir} -name big.bin | grep -q big.bin".into(),
         timeout: Duration::from_secs(30),
     });
-    let r = run(&repo, &s, "host", &no_cancel());
+    let r = run(&repo, &s, &lifeboat_core::hostname(), &no_cancel());
     assert_eq!(
         r.outcome,
         DrillOutcome::Passed,
@@ -127,7 +127,7 @@ fn a_sample_drill_restores_part_and_extrapolates_the_full_restore_time() {
     let repo = backed_up(tmp.path());
     let mut s = spec(tmp.path());
     s.scope = Scope::Sample(10.0);
-    let r = run(&repo, &s, "host", &no_cancel());
+    let r = run(&repo, &s, &lifeboat_core::hostname(), &no_cancel());
     assert_eq!(r.outcome, DrillOutcome::Passed, "{:?}", r.summary);
     let rto = r.rto.unwrap();
     assert!(rto.restored_bytes < rto.snapshot_bytes, "{rto:?}");
@@ -158,7 +158,12 @@ fn a_corrupted_pack_fails_the_drill_and_names_the_files_and_the_pack() {
         drop(repo);
         Repository::open(Arc::new(LocalBackend::new(tmp.path().join("repo"))), "pw").unwrap()
     };
-    let r = run(&repo, &spec(tmp.path()), "host", &no_cancel());
+    let r = run(
+        &repo,
+        &spec(tmp.path()),
+        &lifeboat_core::hostname(),
+        &no_cancel(),
+    );
     assert_eq!(r.outcome, DrillOutcome::Failed, "{r:?}");
     assert!(!r.problems.is_empty());
     let text: Vec<String> = r
@@ -183,7 +188,7 @@ fn a_failing_validation_command_fails_the_drill_with_its_output() {
         command: "echo 'pg_restore: error: input file is too short'; exit 3".into(),
         timeout: Duration::from_secs(30),
     });
-    let r = run(&repo, &s, "host", &no_cancel());
+    let r = run(&repo, &s, &lifeboat_core::hostname(), &no_cancel());
     assert_eq!(r.outcome, DrillOutcome::Failed);
     let v = &r.validations[0];
     assert_eq!(v.exit_code, Some(3));
@@ -211,7 +216,7 @@ fn a_drill_over_its_disk_cap_refuses_to_start() {
     let repo = backed_up(tmp.path());
     let mut s = spec(tmp.path());
     s.max_disk_bytes = Some(1 << 20);
-    let r = run(&repo, &s, "host", &no_cancel());
+    let r = run(&repo, &s, &lifeboat_core::hostname(), &no_cancel());
     assert_eq!(r.outcome, DrillOutcome::Refused);
     assert!(
         r.summary.as_ref().unwrap().contains("disk cap"),
@@ -238,7 +243,7 @@ fn a_drill_past_its_time_limit_is_stopped_reported_and_its_sandbox_removed() {
     let mut s = spec(tmp.path());
     s.time_limit = Duration::from_secs(3);
     let started = std::time::Instant::now();
-    let r = run(&repo, &s, "host", &no_cancel());
+    let r = run(&repo, &s, &lifeboat_core::hostname(), &no_cancel());
     assert_eq!(r.outcome, DrillOutcome::TimedOut, "{:?}", r.summary);
     assert!(
         started.elapsed() < Duration::from_secs(30),

@@ -6,6 +6,7 @@ mod agent;
 mod browser;
 mod drills;
 mod packaging;
+mod provenance;
 mod ransomware;
 mod reliability;
 mod s3;

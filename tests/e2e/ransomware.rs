@@ -33,10 +33,24 @@ fn a_write_only_host_backs_up_with_dedup_and_every_read_or_delete_command_exits_
     full.ok(&["backup", src.to_str().unwrap()]);
 
     let key = tmp.path().join("writer.key");
-    full.ok(&["key", "export-writer", "--out", key.to_str().unwrap()]);
+    full.ok(&[
+        "key",
+        "export-writer",
+        "--host",
+        "web1",
+        "--out",
+        key.to_str().unwrap(),
+    ]);
     let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the credential is private");
-    let again = full.fails(&["key", "export-writer", "--out", key.to_str().unwrap()]);
+    let again = full.fails(&[
+        "key",
+        "export-writer",
+        "--host",
+        "web1",
+        "--out",
+        key.to_str().unwrap(),
+    ]);
     assert!(
         stderr(&again).contains("must not exist yet"),
         "{}",
@@ -103,7 +117,14 @@ fn a_writer_credential_of_another_repository_is_refused_by_name() {
     let a = new_repo(&tmp.path().join("a"));
     let b = new_repo(&tmp.path().join("b"));
     let key = tmp.path().join("a.key");
-    a.ok(&["key", "export-writer", "--out", key.to_str().unwrap()]);
+    a.ok(&[
+        "key",
+        "export-writer",
+        "--host",
+        "web1",
+        "--out",
+        key.to_str().unwrap(),
+    ]);
     let writer = writer_of(&b, &key, &tmp.path().join("cache"));
     let out = writer.fails(&["backup", "/etc/hostname"]);
     assert!(
@@ -149,7 +170,14 @@ fn object_lock_on_moto_keeps_locked_snapshots_from_forget_prune_and_the_s3_api()
 
     // A write-only host adds a snapshot to the locked repository.
     let key = tmp.path().join("writer.key");
-    lb.ok(&["key", "export-writer", "--out", key.to_str().unwrap()]);
+    lb.ok(&[
+        "key",
+        "export-writer",
+        "--host",
+        "web1",
+        "--out",
+        key.to_str().unwrap(),
+    ]);
     let writer = writer_of(&lb, &key, &tmp.path().join("writer-cache"));
     std::fs::write(src.join("later.txt"), "written later\n").unwrap();
     writer.ok(&["backup", src.to_str().unwrap()]);

@@ -22,7 +22,7 @@ use crate::{stderr, under};
 const PASSPHRASE: &str = "correct horse battery staple";
 
 /// A backend on `target` under `prefix`, with the given multipart settings.
-fn connect(target: &S3Target, prefix: &str, multipart_threshold: usize) -> S3Backend {
+pub(crate) fn connect(target: &S3Target, prefix: &str, multipart_threshold: usize) -> S3Backend {
     let mut opts = S3Options::from_url(&target.url(prefix)).unwrap();
     opts.endpoint = Some(target.endpoint.clone());
     opts.path_style = Some(true);

@@ -332,6 +332,28 @@ impl Backend for LocalBackend {
         result.map_err(err)
     }
 
+    fn put_replacing(&self, key: &str, data: &[u8]) -> Result<(), BackendError> {
+        validate_key(key)?;
+        let path = self.path(key);
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        let tmp = dir.join(format!(
+            "{TEMP_PREFIX}{}",
+            hex::encode(rand::random::<[u8; 12]>())
+        ));
+        let result = (|| -> io::Result<()> {
+            let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            write_new_file(&mut file, data)?;
+            file.sync_all()?;
+            drop(file);
+            fs::rename(&tmp, &path)?;
+            sync_dir(&dir)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(|e| BackendError::from_io(key, e))
+    }
+
     fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<Vec<u8>, BackendError> {
         validate_key(key)?;
         let err = |e| BackendError::from_io(key, e);

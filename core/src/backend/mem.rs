@@ -76,6 +76,13 @@ impl Backend for MemoryBackend {
         Ok(PutOutcome::Created)
     }
 
+    fn put_replacing(&self, key: &str, data: &[u8]) -> Result<(), BackendError> {
+        validate_key(key)?;
+        let mut map = self.objects.lock().expect("memory backend lock poisoned");
+        map.insert(key.to_string(), (data.to_vec(), SystemTime::now()));
+        Ok(())
+    }
+
     fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<Vec<u8>, BackendError> {
         validate_key(key)?;
         let map = self.objects.lock().expect("memory backend lock poisoned");
@@ -150,6 +157,16 @@ impl Backend for MemoryBackend {
             self.retain(key, retention)?;
         }
         Ok(outcome)
+    }
+
+    fn retained_until(&self, key: &str) -> Result<super::Retained, BackendError> {
+        if !self.object_lock() {
+            return Ok(super::Retained::Unknown);
+        }
+        Ok(match self.retained_until(key) {
+            Some(until) if until > chrono::Utc::now() => super::Retained::Until(until),
+            _ => super::Retained::No,
+        })
     }
 
     fn extend_retention(&self, key: &str, retention: &Retention) -> Result<(), BackendError> {

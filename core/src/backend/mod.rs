@@ -135,6 +135,17 @@ impl std::str::FromStr for LockMode {
     }
 }
 
+/// What a store says of an object's Object Lock retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retained {
+    /// The store cannot tell (no Object Lock API).
+    Unknown,
+    /// The object has no retention (or it has ended).
+    No,
+    /// The object cannot be deleted before this instant.
+    Until(chrono::DateTime<chrono::Utc>),
+}
+
 /// An object's retention: it cannot be deleted or overwritten before `until`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
@@ -237,6 +248,24 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn extend_retention(&self, key: &str, retention: &Retention) -> Result<(), BackendError> {
         let _ = retention;
         Err(no_object_lock(key, &self.location()))
+    }
+    /// Stores `data` under `key` whether or not an object is there,
+    /// atomically (readers see the old object or the new one, whole). Only
+    /// `upgrade` uses it, for the one object whose name is not its content:
+    /// `config`. The default refuses.
+    fn put_replacing(&self, key: &str, data: &[u8]) -> Result<(), BackendError> {
+        let _ = data;
+        Err(BackendError::Permanent {
+            key: key.to_string(),
+            message: format!("{} cannot replace objects", self.location()),
+        })
+    }
+    /// The object's retention as the store records it (the store, not a
+    /// snapshot's own word, decides whether a delete would be refused).
+    /// The default cannot tell.
+    fn retained_until(&self, key: &str) -> Result<Retained, BackendError> {
+        let _ = key;
+        Ok(Retained::Unknown)
     }
     /// [`put`](Backend::put), or [`put_retained`](Backend::put_retained)
     /// when a retention is given, of bytes the caller shares instead of

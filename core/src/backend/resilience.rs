@@ -96,6 +96,12 @@ macro_rules! forward_through_call {
         ) -> Result<(), BackendError> {
             self.call(key, |b| b.extend_retention(key, retention))
         }
+        fn retained_until(&self, key: &str) -> Result<super::Retained, BackendError> {
+            self.call(key, |b| b.retained_until(key))
+        }
+        fn put_replacing(&self, key: &str, data: &[u8]) -> Result<(), BackendError> {
+            self.call(key, |b| b.put_replacing(key, data))
+        }
         fn put_shared(
             &self,
             key: &str,
@@ -782,6 +788,16 @@ impl Backend for Timeout {
     ) -> Result<(), BackendError> {
         let (k, r) = (key.to_string(), *retention);
         self.run(key, self.deadline(0), move |b| b.extend_retention(&k, &r))
+    }
+    fn retained_until(&self, key: &str) -> Result<super::Retained, BackendError> {
+        let k = key.to_string();
+        self.run(key, self.deadline(0), move |b| b.retained_until(&k))
+    }
+    fn put_replacing(&self, key: &str, data: &[u8]) -> Result<(), BackendError> {
+        let (k, d) = (key.to_string(), data.to_vec());
+        self.run(key, self.deadline(data.len() as u64), move |b| {
+            b.put_replacing(&k, &d)
+        })
     }
 }
 

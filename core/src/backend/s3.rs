@@ -824,6 +824,67 @@ impl Backend for S3Backend {
         }
     }
 
+    fn put_replacing(&self, key: &str, data: &[u8]) -> Result<(), BackendError> {
+        validate_key(key)?;
+        let full = self.full_key(key);
+        let md5 = {
+            use base64::Engine;
+            use md5::Digest;
+            base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(data))
+        };
+        let body = Bytes::copy_from_slice(data);
+        let result = self.run(key, data.len(), async {
+            self.client
+                .put_object()
+                .bucket(&self.opts.bucket)
+                .key(&full)
+                .content_length(body.len() as i64)
+                .content_md5(md5)
+                .body(ByteStream::from(body.clone()))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| classify(key, "put", e))
+        });
+        match result {
+            Ok(()) => Ok(()),
+            Err(Failure::Other(e)) => Err(e),
+            Err(_) => Err(unexpected(key, "put")),
+        }
+    }
+
+    fn retained_until(&self, key: &str) -> Result<super::Retained, BackendError> {
+        if !self.object_lock() {
+            return Ok(super::Retained::Unknown);
+        }
+        validate_key(key)?;
+        let full = self.full_key(key);
+        // HEAD gives the retention as GetObjectRetention does (and moto,
+        // which answers GetObjectRetention with a 500, gives it too).
+        let result = self.run(key, 0, async {
+            self.client
+                .head_object()
+                .bucket(&self.opts.bucket)
+                .key(&full)
+                .send()
+                .await
+                .map(|o| {
+                    o.object_lock_retain_until_date()
+                        .and_then(|d| chrono::DateTime::from_timestamp(d.secs(), 0))
+                })
+                .map_err(|e| classify(key, "read retention", e))
+        });
+        match result {
+            Ok(Some(until)) if until > chrono::Utc::now() => Ok(super::Retained::Until(until)),
+            Ok(_) => Ok(super::Retained::No),
+            Err(Failure::Other(e)) => Err(e),
+            Err(Failure::NotFound) => Err(BackendError::NotFound {
+                key: key.to_string(),
+            }),
+            Err(_) => Err(unexpected(key, "read retention")),
+        }
+    }
+
     fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<Vec<u8>, BackendError> {
         validate_key(key)?;
         if let Some(r) = &range {
